@@ -1,0 +1,69 @@
+"""Kernel dispatch: one place that decides, per operator and per call, fused kernel or PyTorch reference.
+
+A fused kernel is used only when all of these hold:
+  * the tensors are on CUDA (transformers' Qwen3-Next sends CPU tensors to Triton kernels and crashes;
+    here the device decides first),
+  * the optional package imports (it is imported lazily, on the first CUDA call, never at import time),
+  * the caller did not switch kernels off (``config.use_kernels=False``) and the environment variable
+    ``HF_MEMORY_DISABLE_KERNELS`` does not name the operator (a comma list, or ``1``/``all`` for every one).
+
+Each choice is logged once per (operator, implementation).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger("hf_memory.kernels")
+
+DISABLE_ENV = "HF_MEMORY_DISABLE_KERNELS"
+
+# operator name -> (module, attribute) of the fused implementation
+FUSED_KERNELS: dict[str, tuple[str, str]] = {
+    "chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    "fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+    "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_fn"),
+}
+
+_loaded: dict[str, Callable | None] = {}
+_logged: set[tuple[str, str]] = set()
+
+
+def kernels_disabled(op: str) -> bool:
+    """Whether the environment switches the fused kernel for ``op`` off."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in ("1", "true", "all", "yes"):
+        return True
+    return op.lower() in {v.strip() for v in value.split(",") if v.strip()}
+
+
+def _load(op: str) -> Callable | None:
+    if op not in _loaded:
+        module_name, attr = FUSED_KERNELS[op]
+        try:
+            _loaded[op] = getattr(importlib.import_module(module_name), attr)
+        except Exception as error:  # ImportError, or a CUDA/Triton setup error raised at import
+            logger.info("hf_memory: fused kernel %s unavailable (%s); using the PyTorch reference", op, error)
+            _loaded[op] = None
+    return _loaded[op]
+
+
+def _log_once(op: str, choice: str) -> None:
+    if (op, choice) not in _logged:
+        _logged.add((op, choice))
+        logger.info("hf_memory: %s -> %s", op, choice)
+
+
+def fused_kernel(op: str, *tensors: torch.Tensor, enabled: bool = True) -> Callable | None:
+    """Return the fused implementation of ``op`` for these tensors, or ``None`` for the PyTorch reference."""
+    if op not in FUSED_KERNELS:
+        raise KeyError(f"unknown operator {op!r}; known: {sorted(FUSED_KERNELS)}")
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    kernel = _load(op) if (enabled and on_cuda and not kernels_disabled(op)) else None
+    _log_once(op, "fused" if kernel is not None else "reference")
+    return kernel

@@ -1,0 +1,1 @@
+"""Shared nn.Modules: norms, attention, MLP. Every architecture reuses these instead of writing its own."""

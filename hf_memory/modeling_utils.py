@@ -1,0 +1,69 @@
+"""What every hf_memory model shares: the PreTrainedModel base, padding and position helpers."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from hf_memory.layers.attention import RotaryEmbedding
+
+
+def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The 2-D [B, T] keep-mask of the current tokens (1 = real, 0 = pad), or None when there is no padding."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask[:, -length:]
+    return None if bool(mask.all()) else mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past: int, device) -> torch.Tensor:
+    """Position ids [B, T]: counted over real tokens when a 2-D mask is given (left padding), else past + t."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[:, -length:].to(device)
+    return (torch.arange(length, device=device) + past)[None]
+
+
+class HFMemoryPreTrainedModel(PreTrainedModel):
+    """Base of every hf_memory model.
+
+    ``save_pretrained`` / ``push_to_hub`` of a model built from the installed ``hf_memory`` package also write
+    the self-contained modeling code (``auto_map``) and the model card, so the folder loads with
+    ``trust_remote_code=True`` where hf_memory is not installed. A model loaded as remote code saves the way
+    transformers saves any remote-code model.
+    """
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _is_stateful = True  # recurrent / memory state: no assisted decoding, no cache cropping
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+    def _from_hf_memory_package(self) -> bool:
+        return type(self).__module__.startswith("hf_memory.")
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        if not self._from_hf_memory_package():
+            return super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token") if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        export = importlib.import_module("hf_memory.export")
+        if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            export.write_hub_files(self, save_directory)
+            if push_to_hub:
+                export.upload_folder(save_directory, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        if not self._from_hf_memory_package():
+            return super().push_to_hub(repo_id, **kwargs)
+        return importlib.import_module("hf_memory.export").push_to_hub(self, repo_id, **kwargs)

@@ -1,0 +1,1 @@
+"""Operators: PyTorch references (the definitions) and their dispatch to fused kernels."""

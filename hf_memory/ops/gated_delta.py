@@ -1,0 +1,151 @@
+"""The gated delta rule (Gated DeltaNet, arXiv 2412.06464, eq. 10).
+
+Per head, with S_t the d_v x d_k state of the paper:
+
+    S_t = alpha_t * S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T        o_t = S_t q_t
+
+This module stores the state key-first, ``state = S^T`` of shape [B, H, d_k, d_v] (the layout of
+flash-linear-attention and transformers' Qwen3-Next, so states move between them without a transpose):
+
+    state_t = alpha_t (I - beta_t k_t k_t^T) state_{t-1} + beta_t k_t v_t^T     o_t = state_t^T q_t
+
+Shapes: q, k [B, T, H, d_k] (already L2-normalised), v [B, T, H, d_v], g = log alpha [B, T, H] (<= 0),
+beta [B, T, H]. Queries are scaled by d_k^-1/2 here. All state math is fp32; outputs come back in v's dtype.
+
+Three implementations:
+  * ``gated_delta_rule_recurrent``: token by token, the definition (and the decode step);
+  * ``gated_delta_rule_chunked``: the chunkwise WY/UT form, exact up to fp32 rounding, fast enough to train
+    on CPU;
+  * flash-linear-attention's chunk / fused-recurrent kernels on CUDA, through ``hf_memory.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hf_memory.kernels import fused_kernel
+
+
+def gated_delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference recurrence (the definition). Returns (o [B, T, H, d_v], final state [B, H, d_k, d_v] fp32)."""
+    batch, length, heads, d_k = k.shape
+    d_v = v.shape[-1]
+    scale = d_k**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    state = q.new_zeros(batch, heads, d_k, d_v) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(length):
+        k_t, v_t = k[:, t], v[:, t]  # [B, H, d_k], [B, H, d_v]
+        state = state * g[:, t].exp()[..., None, None]  # decay: alpha_t * state_{t-1}
+        prediction = torch.einsum("bhk,bhkv->bhv", k_t, state)  # v_hat = S k_t
+        delta = beta[:, t, :, None] * (v_t - prediction)  # beta_t (v_t - v_hat)
+        state = state + k_t[..., :, None] * delta[..., None, :]  # write beta_t (v_t - v_hat) k_t^T
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, state))  # o_t = S_t q_t
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, d_v)
+    return o, state
+
+
+def gated_delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise WY / UT form of the same recurrence.
+
+    Inside a chunk with cumulative log-decay gamma_t and Gamma_t = exp(gamma_t), write
+    state_t = alpha_t state_{t-1} + k_t u_t^T with u_t = beta_t (v_t - alpha_t state_{t-1}^T k_t). Unrolling gives
+    the lower-triangular system (I + A) U = beta V - (beta Gamma K) state_0 with
+    A_ti = beta_t (Gamma_t / Gamma_i) k_t^T k_i (i < t); then
+    O = (Gamma Q) state_0 + [(Q K^T) * D] U with D_ti = Gamma_t / Gamma_i (i <= t), and
+    state_C = Gamma_C state_0 + (K * Gamma_C / Gamma)^T U.
+    """
+    batch, length, heads, d_k = k.shape
+    d_v = v.shape[-1]
+    scale = d_k**-0.5 if scale is None else scale
+    out_dtype = v.dtype
+    pad = (-length) % chunk_size
+    # [B, H, N, C, d]: heads first, then chunks. Padding at the end has beta = 0 and g = 0 (alpha = 1), so it
+    # neither writes nor decays the state.
+    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))
+    g, beta = (F.pad(x.float(), (0, 0, 0, pad)).transpose(1, 2) for x in (g, beta))
+    n_chunks = (length + pad) // chunk_size
+    q, k, v = (x.reshape(batch, heads, n_chunks, chunk_size, -1) for x in (q, k, v))
+    g, beta = (x.reshape(batch, heads, n_chunks, chunk_size) for x in (g, beta))
+    q = q * scale
+
+    gamma = g.cumsum(-1)  # [B, H, N, C]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # log(Gamma_t / Gamma_i), with the upper triangle set to -inf before exp so it can neither overflow nor leak
+    log_ratio = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf"))
+    decay_ratio = log_ratio.exp()  # D, [B, H, N, C, C], lower triangular with ones on the diagonal
+
+    k_beta = k * beta[..., None]
+    strictly_lower = decay_ratio.tril(-1)
+    system = torch.eye(chunk_size, device=q.device) + (k_beta @ k.transpose(-1, -2)) * strictly_lower  # I + A
+    w_v = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w_k = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
+    intra = (q @ k.transpose(-1, -2)) * decay_ratio  # [(Q K^T) * D]
+    q_decayed = q * gamma.exp()[..., None]  # Gamma Q
+    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # K * Gamma_C / Gamma
+    chunk_decay = gamma[..., -1].exp()  # Gamma_C, [B, H, N]
+
+    state = q.new_zeros(batch, heads, d_k, d_v) if initial_state is None else initial_state.float()
+    outputs = []
+    for n in range(n_chunks):
+        u = w_v[:, :, n] - w_k[:, :, n] @ state  # [B, H, C, d_v]
+        outputs.append(q_decayed[:, :, n] @ state + intra[:, :, n] @ u)
+        state = chunk_decay[:, :, n, None, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, d_v)[:, :, :length]
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+def _repeat_key_heads(q: torch.Tensor, k: torch.Tensor, value_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """More value heads than key heads: each key head serves value_heads / key_heads consecutive value heads."""
+    groups = value_heads // k.shape[2]
+    if groups == 1:
+        return q, k
+    return q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    use_kernels: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatching entry point: fused kernel on CUDA when available, else the PyTorch references.
+
+    Single-token calls (decode) take the recurrent form; longer ones the chunked form. The returned state is fp32.
+    """
+    q, k = _repeat_key_heads(q, k, v.shape[2])
+    single_step = q.shape[1] == 1
+    op = "fused_recurrent_gated_delta_rule" if single_step else "chunk_gated_delta_rule"
+    kernel = fused_kernel(op, q, k, v, enabled=use_kernels)
+    if kernel is not None:
+        state = None if initial_state is None else initial_state.float().contiguous()
+        o, final_state = kernel(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(), beta.contiguous().to(q.dtype),
+            scale=k.shape[-1] ** -0.5, initial_state=state, output_final_state=True,
+        )
+        return o, final_state.float()
+    if single_step:
+        return gated_delta_rule_recurrent(q, k, v, g, beta, initial_state)
+    return gated_delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size=chunk_size)

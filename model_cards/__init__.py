@@ -1,0 +1,1 @@
+"""Model card templates, one per architecture, rendered by hf_memory.export."""
