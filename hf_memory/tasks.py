@@ -1,0 +1,101 @@
+"""Synthetic memory tasks shared by all architectures, so that they are compared on one footing.
+
+Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology"): a sequence lists key-value pairs, then
+asks for the values of some keys again. Token layout (vocabulary ``vocab_size``):
+
+    0 pad | 1 bos | 2 eos | keys [3, 3 + n_keys) | values [3 + n_keys, vocab_size)
+
+    bos k1 v1 k2 v2 ... kn vn  |  kq1 vq1 kq2 vq2 ...          (labels: the query values only)
+
+A model without memory of the pairs is at chance (1 / n_values) on the query values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+PAD, BOS, EOS = 0, 1, 2
+FIRST_KEY = 3
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class MQARSpec:
+    vocab_size: int = 128
+    num_pairs: int = 8
+    num_queries: int = 8
+
+    @property
+    def num_keys(self) -> int:
+        return (self.vocab_size - FIRST_KEY) // 2
+
+    @property
+    def first_value(self) -> int:
+        return FIRST_KEY + self.num_keys
+
+    @property
+    def num_values(self) -> int:
+        return self.vocab_size - self.first_value
+
+    @property
+    def length(self) -> int:
+        return 1 + 2 * self.num_pairs + 2 * self.num_queries
+
+    def check(self) -> None:
+        if self.num_keys < self.num_pairs:
+            raise ValueError(
+                f"MQAR: vocab_size {self.vocab_size} leaves {self.num_keys} keys, fewer than num_pairs {self.num_pairs}"
+            )
+        if self.num_queries > self.num_pairs:
+            raise ValueError(f"MQAR: num_queries {self.num_queries} exceeds num_pairs {self.num_pairs}")
+
+
+def mqar_batch(spec: MQARSpec, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``labels`` (query values only, -100 elsewhere) and ``attention_mask``, each [B, L]."""
+    spec.check()
+    keys = torch.stack(
+        [torch.randperm(spec.num_keys, generator=generator)[: spec.num_pairs] for _ in range(batch_size)]
+    ) + FIRST_KEY
+    values = torch.randint(spec.first_value, spec.vocab_size, (batch_size, spec.num_pairs), generator=generator)
+    asked = torch.stack(
+        [torch.randperm(spec.num_pairs, generator=generator)[: spec.num_queries] for _ in range(batch_size)]
+    )
+    query_keys, query_values = keys.gather(1, asked), values.gather(1, asked)
+
+    context = torch.stack([keys, values], dim=-1).reshape(batch_size, -1)
+    queries = torch.stack([query_keys, query_values], dim=-1).reshape(batch_size, -1)
+    bos = torch.full((batch_size, 1), BOS)
+    input_ids = torch.cat([bos, context, queries], dim=1)
+
+    labels = torch.full_like(input_ids, IGNORE)
+    value_positions = 1 + 2 * spec.num_pairs + 2 * torch.arange(spec.num_queries) + 1
+    labels[:, value_positions] = input_ids[:, value_positions]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+
+
+class MQARDataset(Dataset):
+    """A fixed set of MQAR examples (deterministic for a seed), for ``Trainer`` and loops alike."""
+
+    def __init__(self, spec: MQARSpec, size: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.data = mqar_batch(spec, size, generator)
+
+    def __len__(self) -> int:
+        return self.data["input_ids"].shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.data.items()}
+
+
+@torch.no_grad()
+def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
+    """Fraction of query values predicted exactly (argmax of the next-token logits at each query key)."""
+    model.eval()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    predictions = logits[:, :-1].argmax(-1)
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE
+    return (predictions[scored] == targets[scored]).float().mean().item()

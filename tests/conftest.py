@@ -1,0 +1,66 @@
+"""Shared fixtures: every registered architecture's tiny presets, and ways to build and compare models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_memory
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_PRESETS = [name for name in hf_memory.PRESETS if name.endswith("-tiny")]
+
+# Per architecture: config overrides that must be rejected, and the field the error must name.
+INVALID_CONFIGS = {
+    "gated_deltanet": [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_v_heads": 3}, "num_v_heads"),
+        ({"expand_v": 0.3}, "expand_v"),
+        ({"layer_types": ["linear_attention"]}, "layer_types"),
+        ({"layer_types": ["linear_attention", "mamba2"]}, "layer_types"),
+        ({"layer_types": ["linear_attention", "sliding_attention"], "sliding_window": None}, "sliding_window"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ],
+}
+
+
+def tiny_config(name: str, **overrides):
+    overrides.setdefault("attn_implementation", "eager")
+    return hf_memory.get_config(name, **overrides)
+
+
+def build(name: str, seed: int = 0, **overrides):
+    """A tiny random causal LM from a preset, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(name, **overrides)).eval()
+
+
+def crossing_length(config) -> int:
+    """A prompt length that crosses every chunk, window and segment boundary of the config at least twice."""
+    spans = [getattr(config, field, None) or 0 for field in ("chunk_size", "sliding_window", "segment_size")]
+    return 2 * max(spans + [8]) + 7
+
+
+def random_ids(config, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, config.vocab_size, (batch, length), generator=generator)
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter; fail the test with its output if it exits non-zero."""
+    env = {**os.environ, **(env_extra or {})}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, f"subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def preset(request) -> str:
+    return request.param
