@@ -59,11 +59,14 @@ def _log_once(op: str, choice: str) -> None:
         logger.info("hf_memory: %s -> %s", op, choice)
 
 
+def on_cuda(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in tensors if t is not None)
+
+
 def fused_kernel(op: str, *tensors: torch.Tensor, enabled: bool = True) -> Callable | None:
     """Return the fused implementation of ``op`` for these tensors, or ``None`` for the PyTorch reference."""
     if op not in FUSED_KERNELS:
         raise KeyError(f"unknown operator {op!r}; known: {sorted(FUSED_KERNELS)}")
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    kernel = _load(op) if (enabled and on_cuda and not kernels_disabled(op)) else None
+    kernel = _load(op) if (enabled and on_cuda(*tensors) and not kernels_disabled(op)) else None
     _log_once(op, "fused" if kernel is not None else "reference")
     return kernel

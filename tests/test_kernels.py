@@ -1,0 +1,165 @@
+"""Kernel dispatch: the device decides first, then availability, then the switches; fused kernels agree
+with the PyTorch references forward and backward (on CUDA, when the kernel packages are installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build, random_ids, run_python
+
+from hf_memory import kernels
+from hf_memory.ops import gated_delta, short_conv
+
+CUDA = torch.cuda.is_available()
+HAS_FLA = importlib.util.find_spec("fla") is not None
+HAS_CAUSAL_CONV1D = importlib.util.find_spec("causal_conv1d") is not None
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """Pretend the fused chunk kernel is installed; it records its calls and computes with the reference."""
+    calls = []
+
+    def chunk_kernel(q, k, v, g, beta, scale, initial_state, output_final_state):
+        calls.append(dict(q=q, scale=scale, initial_state=initial_state))
+        return gated_delta.gated_delta_rule_chunked(q, k, v, g, beta, initial_state, scale=scale)
+
+    monkeypatch.setitem(kernels._loaded, "chunk_gated_delta_rule", chunk_kernel)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    return calls
+
+
+def _inputs(length=20):
+    q = F.normalize(torch.randn(2, length, 2, 8), dim=-1)
+    k = F.normalize(torch.randn(2, length, 2, 8), dim=-1)
+    v = torch.randn(2, length, 4, 8)
+    g = -torch.rand(2, length, 4)
+    beta = torch.rand(2, length, 4)
+    return q, k, v, g, beta
+
+
+def test_cpu_tensors_never_reach_a_fused_kernel_even_when_it_is_installed(fake_kernel):
+    gated_delta.gated_delta_rule(*_inputs())
+    assert fake_kernel == []
+    assert kernels.fused_kernel("chunk_gated_delta_rule", torch.zeros(1)) is None
+
+
+def test_cuda_tensors_use_the_fused_kernel_with_the_reference_layout(fake_kernel, monkeypatch):
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    q, k, v, g, beta = _inputs()
+    state = torch.randn(2, 4, 8, 8)
+    o, final = gated_delta.gated_delta_rule(q, k, v, g, beta, state)
+    assert len(fake_kernel) == 1
+    assert fake_kernel[0]["q"].shape[2] == 4  # key heads repeated for the 4 value heads
+    assert fake_kernel[0]["scale"] == 8**-0.5
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: False)
+    o_ref, final_ref = gated_delta.gated_delta_rule(q, k, v, g, beta, state)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(final, final_ref)
+
+
+@pytest.mark.parametrize("switch", ["config", "env-all", "env-op"])
+def test_kernels_can_be_forced_off_by_config_or_environment(fake_kernel, monkeypatch, switch):
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    enabled = switch != "config"
+    if switch == "env-all":
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    if switch == "env-op":
+        monkeypatch.setenv(kernels.DISABLE_ENV, "causal_conv1d_fn, chunk_gated_delta_rule")
+    gated_delta.gated_delta_rule(*_inputs(), use_kernels=enabled)
+    assert fake_kernel == []
+
+
+def test_each_choice_is_logged_once(fake_kernel, monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="hf_memory.kernels"):
+        for _ in range(3):
+            gated_delta.gated_delta_rule(*_inputs())
+    assert [r.getMessage() for r in caplog.records] == ["hf_memory: chunk_gated_delta_rule -> reference"]
+
+
+def test_model_config_switch_reaches_every_layer():
+    model = build("gated-deltanet-tiny", use_fused_kernels=False)
+    assert all(not layer.mixer.use_fused_kernels for layer in model.model.layers)
+
+
+def test_import_registers_architectures_without_importing_any_kernel_package():
+    run_python(textwrap.dedent("""
+        import sys
+        import hf_memory
+        from transformers import AutoConfig
+        AutoConfig.for_model("hfm_gated_deltanet")
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"fla", "causal_conv1d", "mamba_ssm", "triton"})
+        assert loaded == [], loaded
+    """))
+
+
+def test_model_types_do_not_collide_with_transformers_or_flash_linear_attention():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    import hf_memory
+
+    fla_model_types = {"gated_deltanet", "delta_net", "gla", "mamba", "mamba2", "samba", "hgrn", "rwkv7", "titans"}
+    for architecture in hf_memory.ARCHITECTURES.values():
+        model_type = architecture.config_class.model_type
+        assert model_type not in CONFIG_MAPPING_NAMES and model_type not in fla_model_types
+        assert model_type.startswith("hfm_")
+
+
+# ------------------------------------------------------------------------------------------ CUDA only
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 100, 256])
+def test_fla_gated_delta_rule_matches_reference_forward_and_backward(dtype, length):
+    torch.manual_seed(0)
+    q, k, v, g, beta = (t.cuda() for t in _inputs(length))
+    state = torch.randn(2, 4, 8, 8, device="cuda") * 0.1
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [g.requires_grad_(), beta.to(dtype).requires_grad_()]
+    results = {}
+    for use_kernels in (True, False):
+        for t in leaves:
+            t.grad = None
+        o, final = gated_delta.gated_delta_rule(*leaves, state, use_kernels=use_kernels)
+        (o.float().square().sum() + final.sum()).backward()
+        results[use_kernels] = [o.float(), final] + [t.grad.float() for t in leaves]
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    for fused, reference in zip(results[True], results[False]):
+        torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CAUSAL_CONV1D, reason="needs causal-conv1d")
+def test_causal_conv1d_kernel_matches_reference_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 50, device="cuda", requires_grad=True)
+    weight = torch.randn(64, 4, device="cuda", requires_grad=True)
+    outputs = []
+    for use_kernels in (True, False):
+        x.grad = weight.grad = None
+        y = short_conv.short_conv(x, weight, None, "silu", None, use_kernels)
+        y.square().sum().backward()
+        outputs.append((y, x.grad.clone(), weight.grad.clone()))
+    for fused, reference in zip(*outputs):
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_model_on_cuda_gives_the_same_logits_with_and_without_kernels():
+    model = build("gated-deltanet-h1-tiny").cuda()
+    ids = random_ids(model.config, 2, 70).cuda()
+    with torch.no_grad():
+        fused = model(ids).logits
+        for layer in model.model.layers:
+            if hasattr(layer.mixer, "use_fused_kernels"):
+                layer.mixer.use_fused_kernels = False
+        reference = model(ids).logits
+    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
