@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from hf_memory.modeling.gated_deltanet import configuration_gated_deltanet as _gdn_config
 from hf_memory.modeling.gated_deltanet import modeling_gated_deltanet as _gdn_modeling
+from hf_memory.modeling.jamba import configuration_jamba as _jamba_config
+from hf_memory.modeling.jamba import modeling_jamba as _jamba_modeling
 from hf_memory.presets import PRESETS, get_config, list_presets
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ ARCHITECTURES = {
     "gated_deltanet": Architecture(
         "gated_deltanet", _gdn_config.GatedDeltaNetConfig, _gdn_modeling.AUTO_MAP, "arXiv 2412.06464"
     ),
+    "jamba": Architecture("jamba", _jamba_config.JambaHybridConfig, _jamba_modeling.AUTO_MAP, "arXiv 2403.19887"),
 }
 
 _AUTO_CLASSES = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}

@@ -2,6 +2,7 @@
 
     hf-memory demo      build a tiny model, train it on CPU on multi-query associative recall, report recall
                         accuracy, generate, and write a Hub-ready folder (no download: everything is built in)
+    hf-memory convert   --from FORMAT SRC DST, or --to FORMAT SRC DST (FORMAT: jamba)
     hf-memory presets   list the named configurations and their sources
 """
 
@@ -74,6 +75,17 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from hf_memory.conversion import converter
+
+    direction, fmt = ("from", args.source_format) if args.source_format else ("to", args.target_format)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    converter(direction, fmt)(args.source, args.destination, dtype=dtype)
+    print(f"converted {args.source} ({fmt if direction == 'from' else 'hf-memory'}) -> {args.destination} "
+          f"({'hf-memory' if direction == 'from' else fmt})")
+    return 0
+
+
 def presets(args: argparse.Namespace) -> int:
     import hf_memory
 
@@ -94,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output", default="hf-memory-demo")
     run.set_defaults(func=demo)
+    conversion = commands.add_parser("convert", help="convert a checkpoint folder from / to a public format")
+    formats = conversion.add_mutually_exclusive_group(required=True)
+    formats.add_argument("--from", dest="source_format", help="format of SRC, e.g. jamba (transformers' Jamba)")
+    formats.add_argument("--to", dest="target_format", help="format to write, e.g. jamba")
+    conversion.add_argument("source", metavar="SRC")
+    conversion.add_argument("destination", metavar="DST")
+    conversion.add_argument("--dtype", default=None, help="e.g. float32 or bfloat16 (default: as saved)")
+    conversion.set_defaults(func=convert)
     listing = commands.add_parser("presets", help="list named configurations")
     listing.set_defaults(func=presets)
     return parser

@@ -28,6 +28,9 @@ FUSED_KERNELS: dict[str, tuple[str, str]] = {
     "chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
     "fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
     "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_fn"),
+    "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
 }
 
 _loaded: dict[str, Callable | None] = {}
@@ -57,6 +60,11 @@ def _log_once(op: str, choice: str) -> None:
     if (op, choice) not in _logged:
         _logged.add((op, choice))
         logger.info("hf_memory: %s -> %s", op, choice)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will need a backward through these tensors (forward-only kernels must then be skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def on_cuda(*tensors: torch.Tensor) -> bool:

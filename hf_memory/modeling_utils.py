@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
 
 from hf_memory.layers.attention import RotaryEmbedding
+
+
+def inverse_softplus_dt(size: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    """Mamba's time-step bias: softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (floored at 1e-4)."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -43,6 +51,30 @@ class HFMemoryPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _is_stateful = True  # recurrent / memory state: no assisted decoding, no cache cropping
+
+    def _embed_and_cache(self, input_ids, inputs_embeds, attention_mask, cache, use_cache):
+        """Validate the inputs, embed them, and give back (embeddings, the cache to use or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(
+                f"attention_mask has batch {attention_mask.shape[0]}, inputs have batch {inputs_embeds.shape[0]}"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not use_cache or (self.gradient_checkpointing and self.training):
+            return inputs_embeds, None
+        return inputs_embeds, DynamicCache(config=self.config) if cache is None else cache
+
+    def _logits_and_loss(self, hidden_states, labels, logits_to_keep, **kwargs):
+        """LM-head logits of the kept positions, and the shifted cross-entropy when labels are given."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None if labels is None else self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return logits, loss
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -23,6 +23,13 @@ _GDN_1_3B = dict(
     conv_size=4, intermediate_size=5632, max_position_embeddings=4096,
 )
 
+_JAMBA_TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, attn_layer_period=4,
+    attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+    num_attention_heads=4, num_key_value_heads=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+    max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
 PRESETS: dict[str, Preset] = {
     "gated-deltanet-tiny": Preset("gated_deltanet", _GDN_TINY, "hf-memory test size"),
     "gated-deltanet-h1-tiny": Preset(
@@ -42,6 +49,20 @@ PRESETS: dict[str, Preset] = {
          "layer_types": ["linear_attention", "sliding_attention"] * 10},
         "Gated DeltaNet-H1 1.3B, arXiv 2412.06464: GDN alternating with sliding-window attention, window 2048 "
         "(8-task avg 56.40); depth chosen to keep ~1.3B parameters",
+    ),
+    "jamba-tiny": Preset("jamba", _JAMBA_TINY, "hf-memory test size: Mamba-1 (inner norms) : attention 3 : 1, MoE on odd layers"),
+    "jamba-mamba2-tiny": Preset(
+        "jamba", {**_JAMBA_TINY, "mamba_version": "mamba2", "mamba_d_state": 16, "mamba_head_dim": 16,
+                  "mamba_chunk_size": 16},
+        "hf-memory test size of the Mamba-2 (SSD) variant of the same layout (as Bamba, IBM 2024)",
+    ),
+    "jamba-v0.1": Preset(
+        "jamba", dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, attn_layer_period=8, attn_layer_offset=4,
+                      expert_layer_period=2, expert_layer_offset=1, num_experts=16, num_experts_per_tok=2,
+                      mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, max_position_embeddings=262144),
+        "Jamba-v0.1, arXiv 2403.19887: 52B total / 12B active parameters, 1 attention : 7 Mamba, MoE every "
+        "other layer (16 experts, top-2), 256K context",
     ),
 }
 

@@ -26,6 +26,16 @@ INVALID_CONFIGS = {
         ({"layer_types": ["linear_attention", "sliding_attention"], "sliding_window": None}, "sliding_window"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ],
+    "jamba": [
+        ({"attn_layer_offset": 4}, "attn_layer_offset"),
+        ({"expert_layer_period": 0}, "expert_layer_offset"),
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"mamba_version": "mamba3"}, "mamba_version"),
+        ({"mamba_version": "mamba2", "mamba_head_dim": 24}, "mamba_head_dim"),
+        ({"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types"),
+        ({"mlp_layer_types": ["dense"]}, "mlp_layer_types"),
+        ({"mamba_dt_rank": "big"}, "mamba_dt_rank"),
+    ],
 }
 
 

@@ -8,7 +8,6 @@ import re
 import sys
 
 import pytest
-import torch
 from transformers.dynamic_module_utils import get_imports
 
 import hf_memory

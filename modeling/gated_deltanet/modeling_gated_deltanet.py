@@ -11,13 +11,11 @@ alpha_t. The math lives in ``hf_memory.ops.gated_delta``; this file is the layer
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,7 +25,7 @@ from hf_memory.cache import recurrent_state, store_recurrent_state
 from hf_memory.layers.attention import Attention, RotaryEmbedding
 from hf_memory.layers.mlp import GatedMLP
 from hf_memory.layers.norms import GatedRMSNorm, RMSNorm
-from hf_memory.modeling_utils import HFMemoryPreTrainedModel, padding_mask, positions_from_mask
+from hf_memory.modeling_utils import HFMemoryPreTrainedModel, inverse_softplus_dt, padding_mask, positions_from_mask
 from hf_memory.ops.gated_delta import gated_delta_rule
 from hf_memory.ops.short_conv import short_conv
 
@@ -159,10 +157,7 @@ class GatedDeltaNetPreTrainedModel(HFMemoryPreTrainedModel):
         if isinstance(module, GatedDeltaNetMixer):
             # Mamba-2 initialisation: A ~ U[1, 16]; dt ~ logU[1e-3, 1e-1], dt_bias = softplus^-1(dt)
             init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
-            dt = torch.exp(
-                torch.rand_like(module.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
-            ).clamp(min=1e-4)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.copy_(module.dt_bias, inverse_softplus_dt(module.num_v_heads, dt_min=1e-3, dt_max=0.1))
 
 
 class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel):
@@ -206,23 +201,7 @@ class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(
-                f"attention_mask has batch {attention_mask.shape[0]}, inputs have batch {inputs_embeds.shape[0]}"
-            )
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
+        inputs_embeds, cache = self._embed_and_cache(input_ids, inputs_embeds, attention_mask, cache, use_cache)
 
         position_embeddings = None
         if self.has_attention:
@@ -287,12 +266,7 @@ class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        logits, loss = self._logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
