@@ -13,33 +13,11 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
-
-
-def _train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    from hf_memory.tasks import mqar_batch
-
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
-    losses = []
-    progress = tqdm(range(steps), desc="training on MQAR", unit="step")
-    for _ in progress:
-        model.train()
-        loss = model(**mqar_batch(spec, batch_size, generator), use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-    return losses
 
 
 def demo(args: argparse.Namespace) -> int:
     import hf_memory
-    from hf_memory.tasks import FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy
+    from hf_memory.tasks import FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy, train_recall
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
@@ -54,7 +32,7 @@ def demo(args: argparse.Namespace) -> int:
     test = mqar_batch(spec, 512, torch.Generator().manual_seed(10_000 + args.seed))
     before = recall_accuracy(model, test)
     start = time.perf_counter()
-    losses = _train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed)
+    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed)
     seconds = time.perf_counter() - start
     after = recall_accuracy(model, test)
     print(f"recall accuracy on 512 held-out sequences: {before:.1%} before, {after:.1%} after "

@@ -90,6 +90,29 @@ class MQARDataset(Dataset):
         return {name: tensor[index] for name, tensor in self.data.items()}
 
 
+def train_recall(model, spec: MQARSpec, steps: int, batch_size: int, lr: float, seed: int,
+                 progress: bool = True) -> list[float]:
+    """AdamW with a 50-step warmup on fresh MQAR batches; returns the training losses."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    losses = []
+    bar = tqdm(range(steps), desc="training on MQAR", unit="step", disable=not progress)
+    for _ in bar:
+        model.train()
+        loss = model(**mqar_batch(spec, batch_size, generator), use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
+
+
 @torch.no_grad()
 def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
     """Fraction of query values predicted exactly (argmax of the next-token logits at each query key)."""

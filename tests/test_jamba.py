@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, JambaConfig, JambaF
 
 from hf_memory import cli
 from hf_memory.layers.moe import load_balancing_loss
-from hf_memory.ops.selective_scan import selective_scan, selective_scan_parallel, selective_scan_sequential
+from hf_memory.ops.selective_scan import selective_scan, selective_scan_stepwise, selective_scan_sequential
 
 TINY_JAMBA = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, attn_layer_period=4,
@@ -33,10 +33,10 @@ def _scan_inputs(batch=2, channels=24, state=6, length=45, seed=0):
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 100])
-def test_parallel_scan_equals_the_sequential_definition_and_single_steps(length):
+def test_stepwise_scan_equals_the_sequential_definition_and_single_steps(length):
     u, delta, A, B, C, D, h0 = _scan_inputs(length=length)
     y_seq, s_seq = selective_scan_sequential(u, delta, A, B, C, D, h0)
-    y_par, s_par = selective_scan_parallel(u, delta, A, B, C, D, h0)
+    y_par, s_par = selective_scan_stepwise(u, delta, A, B, C, D, h0)
     assert (y_seq - y_par).abs().max() <= 1e-5 * max(1.0, y_seq.abs().max().item())
     assert (s_seq - s_par).abs().max() <= 1e-5 * max(1.0, s_seq.abs().max().item())
     state, steps = h0, []
@@ -47,10 +47,10 @@ def test_parallel_scan_equals_the_sequential_definition_and_single_steps(length)
     assert (torch.cat(steps, -1) - y_seq).abs().max() <= 1e-5 * max(1.0, y_seq.abs().max().item())
 
 
-def test_parallel_scan_gradients_match_the_sequential_definition():
+def test_stepwise_scan_gradients_match_the_sequential_definition():
     leaves = [t.requires_grad_() for t in _scan_inputs(length=33)]
     grads = []
-    for scan in (selective_scan_sequential, selective_scan_parallel):
+    for scan in (selective_scan_sequential, selective_scan_stepwise):
         for t in leaves:
             t.grad = None
         y, s = scan(*leaves)
@@ -60,11 +60,16 @@ def test_parallel_scan_gradients_match_the_sequential_definition():
         torch.testing.assert_close(parallel, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_stepwise_scan_backward_passes_gradcheck_in_float64():
+    inputs = [t.double().requires_grad_() for t in _scan_inputs(batch=2, channels=5, state=3, length=8)]
+    assert torch.autograd.gradcheck(selective_scan_stepwise, inputs)
+
+
 def test_zero_time_step_leaves_the_ssm_state_unchanged():
     u, delta, A, B, C, D, h0 = _scan_inputs(length=10)
     delta[..., 4:] = 0
     _, after_four = selective_scan_sequential(u[..., :4], delta[..., :4], A, B[..., :4], C[..., :4], D, h0)
-    _, after_all = selective_scan_parallel(u, delta, A, B, C, D, h0)
+    _, after_all = selective_scan_stepwise(u, delta, A, B, C, D, h0)
     torch.testing.assert_close(after_all, after_four)
 
 

@@ -11,7 +11,8 @@ B, C [B, N, T], D [D] or None, state [B, D, N]. State math in fp32; y comes back
 
 Implementations:
   * ``selective_scan_sequential``: token by token, the definition;
-  * ``selective_scan_parallel``: a log-depth (Hillis-Steele) scan over the time axis, exact, fast on CPU;
+  * ``selective_scan_stepwise``: the same loop with a hand-written backward (one autograd node, one
+    [B, D, N] state per step), exact and fast enough to train on CPU;
   * mamba-ssm's ``selective_scan_fn`` (prefill from an empty state) and ``selective_state_update``
     (one decode step) on CUDA, through ``hf_memory.kernels``.
 """
@@ -59,7 +60,56 @@ def selective_scan_sequential(
     return _readout(all_states, u, C, D).to(u.dtype), state
 
 
-def selective_scan_parallel(
+class _StepwiseScan(torch.autograd.Function):
+    """The recurrence stepped over time with a hand-written backward: each step touches one [B, D, N] state,
+    and autograd records one node instead of a graph per step, so it trains fast on CPU."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, initial_state):
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        u_, delta_, A_, B_, C_ = (t.to(dtype) for t in (u, delta, A, B, C))
+        batch, channels, length = u_.shape
+        state = u_.new_zeros(batch, channels, A_.shape[1]) if initial_state is None else initial_state.to(dtype)
+        states = u_.new_empty(batch, channels, A_.shape[1], length)
+        y = u_.new_empty(batch, channels, length)
+        for t in range(length):
+            state = torch.exp(delta_[:, :, t, None] * A_) * state + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+            states[..., t] = state
+            y[:, :, t] = torch.einsum("bdn,bn->bd", state, C_[:, :, t])
+        if D is not None:
+            y = y + D.to(dtype)[None, :, None] * u_
+        ctx.save_for_backward(u_, delta_, A_, B_, C_, D, initial_state, states)
+        return y.to(u.dtype), state
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        u, delta, A, B, C, D, initial_state, states = ctx.saved_tensors
+        grad_y = grad_y.to(u.dtype)
+        grad_state = u.new_zeros(states.shape[:3]) if grad_final is None else grad_final.to(u.dtype).clone()
+        first_state = u.new_zeros(states.shape[:3]) if initial_state is None else initial_state.to(u.dtype)
+        grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(t) for t in (u, delta, B, C))
+        grad_A = torch.zeros_like(A)
+        for t in range(u.shape[-1] - 1, -1, -1):
+            previous = states[..., t - 1] if t > 0 else first_state
+            grad_state = grad_state + grad_y[:, :, t, None] * C[:, None, :, t]  # from y_t = C_t . h_t
+            grad_C[:, :, t] = torch.einsum("bd,bdn->bn", grad_y[:, :, t], states[..., t])
+            decay = torch.exp(delta[:, :, t, None] * A)
+            grad_log_decay = grad_state * previous * decay  # d/d(Delta A) of exp(Delta A) h_{t-1}
+            grad_drive = torch.einsum("bdn,bn->bd", grad_state, B[:, :, t])  # d/d(Delta u) of Delta u B
+            grad_B[:, :, t] = torch.einsum("bdn,bd->bn", grad_state, delta[:, :, t] * u[:, :, t])
+            grad_delta[:, :, t] = (grad_log_decay * A).sum(-1) + grad_drive * u[:, :, t]
+            grad_A += torch.einsum("bdn,bd->dn", grad_log_decay, delta[:, :, t])
+            grad_u[:, :, t] = grad_drive * delta[:, :, t]
+            grad_state = grad_state * decay  # on to h_{t-1}
+        grad_D = None
+        if D is not None:
+            grad_u = grad_u + grad_y * D.to(u.dtype)[None, :, None]
+            grad_D = (grad_y * u).sum((0, 2))
+        grad_initial = None if initial_state is None else grad_state
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_initial
+
+
+def selective_scan_stepwise(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -68,22 +118,9 @@ def selective_scan_parallel(
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same result as the sequential scan in ceil(log2 T) whole-tensor steps.
-
-    The pairs (a_t, b_t) of h_t = a_t h_{t-1} + b_t compose associatively:
-    (a_1, b_1) then (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2). After the doubling passes, b_t is h_t from a zero
-    state and a_t the product of decays up to t, so h_t = b_t + a_t h_0. All decays are <= 1: no overflow.
-    """
-    a, b = _discretise(u, delta, A, B)
-    length, offset = u.shape[-1], 1
-    while offset < length:
-        b = torch.cat([b[..., :offset], b[..., offset:] + a[..., offset:] * b[..., :-offset]], dim=-1)
-        a = torch.cat([a[..., :offset], a[..., offset:] * a[..., :-offset]], dim=-1)
-        offset *= 2
-    if initial_state is not None:
-        b = b + a * initial_state.float()[..., None]
-    final = b[..., -1] if length else (a.new_zeros(a.shape[:3]) if initial_state is None else initial_state.float())
-    return _readout(b, u, C, D).to(u.dtype), final
+    """Same result as the sequential definition, with the hand-written backward of ``_StepwiseScan``.
+    The state is fp32 (fp64 for fp64 inputs)."""
+    return _StepwiseScan.apply(u, delta, A, B, C, D, initial_state)
 
 
 def selective_scan(
@@ -112,4 +149,4 @@ def selective_scan(
             y, final = kernel(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
                               C.contiguous(), D, return_last_state=True)
             return y, final.float()
-    return selective_scan_parallel(u, delta, A, B, C, D, initial_state)
+    return selective_scan_stepwise(u, delta, A, B, C, D, initial_state)
