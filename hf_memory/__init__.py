@@ -24,14 +24,11 @@ class Architecture:
     name: str
     config_class: type
     auto_map: dict  # Auto* class name -> model class
-    paper: str
 
 
 ARCHITECTURES = {
-    "gated_deltanet": Architecture(
-        "gated_deltanet", _gdn_config.GatedDeltaNetConfig, _gdn_modeling.AUTO_MAP, "arXiv 2412.06464"
-    ),
-    "jamba": Architecture("jamba", _jamba_config.JambaHybridConfig, _jamba_modeling.AUTO_MAP, "arXiv 2403.19887"),
+    "gated_deltanet": Architecture("gated_deltanet", _gdn_config.GatedDeltaNetConfig, _gdn_modeling.AUTO_MAP),
+    "jamba": Architecture("jamba", _jamba_config.JambaHybridConfig, _jamba_modeling.AUTO_MAP),
 }
 
 _AUTO_CLASSES = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}

@@ -163,3 +163,76 @@ def test_model_on_cuda_gives_the_same_logits_with_and_without_kernels():
                 layer.mixer.use_fused_kernels = False
         reference = model(ids).logits
     torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- Mamba-1 scan
+HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
+
+
+def _mamba_inputs(length=20, device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 16, length, generator=generator)
+    delta = F.softplus(torch.randn(2, 16, length, generator=generator))
+    A = -torch.rand(16, 4, generator=generator) * 3
+    B = torch.randn(2, 4, length, generator=generator)
+    C = torch.randn(2, 4, length, generator=generator)
+    D = torch.randn(16, generator=generator)
+    return [t.to(device) for t in (u, delta, A, B, C, D)]
+
+
+def test_selective_scan_uses_the_prefill_kernel_only_from_an_empty_state(monkeypatch):
+    from hf_memory.ops import selective_scan as scan_ops
+
+    calls = []
+
+    def prefill_kernel(u, delta, A, B, C, D, return_last_state):
+        calls.append(u.shape)
+        return scan_ops.selective_scan_sequential(u, delta, A, B, C, D)
+
+    monkeypatch.setitem(kernels._loaded, "selective_scan_fn", prefill_kernel)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    u, delta, A, B, C, D = _mamba_inputs()
+    scan_ops.selective_scan(u, delta, A, B, C, D)
+    assert calls == []  # CPU tensors
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    y, state = scan_ops.selective_scan(u, delta, A, B, C, D)
+    assert calls == [u.shape]
+    y_ref, state_ref = scan_ops.selective_scan_sequential(u, delta, A, B, C, D)
+    torch.testing.assert_close(y, y_ref)
+    scan_ops.selective_scan(u, delta, A, B, C, D, initial_state=state)  # a continuation: reference path
+    assert len(calls) == 1
+
+
+def test_one_step_kernel_is_skipped_when_a_gradient_is_needed(monkeypatch):
+    from hf_memory.ops import selective_scan as scan_ops
+
+    calls = []
+    monkeypatch.setitem(kernels._loaded, "selective_state_update", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    u, delta, A, B, C, D = (t[..., :1] if t.dim() == 3 else t for t in _mamba_inputs())
+    state = torch.zeros(2, 16, 4, requires_grad=True)
+    scan_ops.selective_scan(u, delta, A, B, C, D, initial_state=state)
+    assert calls == []
+
+
+@gpu
+@pytest.mark.skipif(not HAS_MAMBA_SSM, reason="needs mamba-ssm")
+@pytest.mark.parametrize("length", [1, 100])
+def test_mamba_ssm_selective_scan_matches_reference_forward_and_backward(length):
+    from hf_memory.ops import selective_scan as scan_ops
+
+    leaves = [t.requires_grad_() for t in _mamba_inputs(length, "cuda")]
+    state = torch.randn(2, 16, 4, device="cuda") if length == 1 else None
+    results = {}
+    for use_kernels in (True, False):
+        for t in leaves:
+            t.grad = None
+        with torch.set_grad_enabled(length > 1):  # the one-step kernel is inference-only
+            y, final = scan_ops.selective_scan(*leaves, initial_state=state, use_kernels=use_kernels)
+            outputs = [y, final]
+            if length > 1:
+                (y.square().sum() + final.sum()).backward()
+                outputs += [t.grad.clone() for t in leaves]
+        results[use_kernels] = outputs
+    for fused, reference in zip(results[True], results[False]):
+        torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
