@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from hf_memory.modeling.gated_deltanet import configuration_gated_deltanet as _gdn_config
 from hf_memory.modeling.gated_deltanet import modeling_gated_deltanet as _gdn_modeling
+from hf_memory.modeling.infini_attention import configuration_infini_attention as _infini_config
+from hf_memory.modeling.infini_attention import modeling_infini_attention as _infini_modeling
 from hf_memory.modeling.jamba import configuration_jamba as _jamba_config
 from hf_memory.modeling.jamba import modeling_jamba as _jamba_modeling
 from hf_memory.presets import PRESETS, get_config, list_presets
@@ -29,6 +31,9 @@ class Architecture:
 ARCHITECTURES = {
     "gated_deltanet": Architecture("gated_deltanet", _gdn_config.GatedDeltaNetConfig, _gdn_modeling.AUTO_MAP),
     "jamba": Architecture("jamba", _jamba_config.JambaHybridConfig, _jamba_modeling.AUTO_MAP),
+    "infini_attention": Architecture(
+        "infini_attention", _infini_config.InfiniAttentionConfig, _infini_modeling.AUTO_MAP
+    ),
 }
 
 _AUTO_CLASSES = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}

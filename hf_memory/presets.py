@@ -64,6 +64,21 @@ PRESETS: dict[str, Preset] = {
         "Jamba-v0.1, arXiv 2403.19887: 52B total / 12B active parameters, 1 attention : 7 Mamba, MoE every "
         "other layer (16 experts, top-2), 256K context",
     ),
+    "infini-attention-tiny": Preset(
+        "infini_attention",
+        dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, segment_size=8, memory_update="delta", max_position_embeddings=4096,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "hf-memory test size: segments of 8 tokens, delta memory update",
+    ),
+    "infini-attention-1b": Preset(
+        "infini_attention",
+        dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, segment_size=2048, memory_update="delta", max_position_embeddings=1048576),
+        "1B-class Llama-style model with Infini-attention, segment 2048 and delta update, the setting of the "
+        "1M-token passkey result of arXiv 2404.07143 (the paper does not list the base model's dimensions; "
+        "these are TinyLlama-1.1B's, the natural Llama checkpoint to convert)",
+    ),
 }
 
 

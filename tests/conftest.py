@@ -36,6 +36,14 @@ INVALID_CONFIGS = {
         ({"mlp_layer_types": ["dense"]}, "mlp_layer_types"),
         ({"mamba_dt_rank": "big"}, "mamba_dt_rank"),
     ],
+    "infini_attention": [
+        ({"segment_size": 0}, "segment_size"),
+        ({"memory_update": "hebbian"}, "memory_update"),
+        ({"memory_detach_every": 0}, "memory_detach_every"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"layer_types": ["infini_attention", "full_attention"]}, "layer_types"),
+        ({"memory_eps": 0.0}, "memory_eps"),
+    ],
 }
 
 

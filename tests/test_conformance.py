@@ -178,22 +178,24 @@ def test_dynamic_cache_from_config_holds_each_layers_state_in_fp32(preset):
             assert layer.conv_states[0].shape[0] == 3
         elif layer_type == "sliding_attention":
             assert layer.keys.shape[-2] <= model.config.sliding_window
+        elif layer_type == "infini_attention":  # compressive memory + at most one segment of KV
+            assert layer.memory.dtype == layer.norm.dtype == torch.float32
+            assert layer.memory.shape[0] == 3 and layer.keys.shape[-2] <= model.config.segment_size
         else:
             assert layer.keys.shape[-2] == ids.shape[1]
 
 
-def test_cropping_a_recurrent_cache_is_refused_with_a_clear_error(preset):
+def test_cropping_a_recurrent_or_memory_cache_is_refused_with_a_clear_error(preset):
     model = build(preset)
-    if "linear_attention" not in model.config.layer_types:
-        pytest.skip("no recurrent layer")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(random_ids(model.config, 1, 9), cache=cache, use_cache=True)
-    with pytest.raises(RuntimeError, match="crop"):
+    with pytest.raises((RuntimeError, NotImplementedError), match="crop"):
         cache.crop(-2)
-    cache.activate_past_recording()
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        model(random_ids(model.config, 1, 1), cache=cache, use_cache=True)
+    if "linear_attention" in model.config.layer_types:
+        cache.activate_past_recording()
+        with pytest.raises(NotImplementedError, match="cannot be cropped"):
+            model(random_ids(model.config, 1, 1), cache=cache, use_cache=True)
 
 
 def test_invalid_configs_raise_value_error_naming_the_field(preset):
