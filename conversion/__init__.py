@@ -9,6 +9,7 @@ import importlib
 CONVERTERS = {
     ("from", "jamba"): ("hf_memory.conversion.jamba", "convert_from_jamba"),
     ("to", "jamba"): ("hf_memory.conversion.jamba", "convert_to_jamba"),
+    ("from", "llama"): ("hf_memory.conversion.llama", "convert_from_llama"),
 }
 
 

@@ -2,13 +2,14 @@
 
     hf-memory demo      build a tiny model, train it on CPU on multi-query associative recall, report recall
                         accuracy, generate, and write a Hub-ready folder (no download: everything is built in)
-    hf-memory convert   --from FORMAT SRC DST, or --to FORMAT SRC DST (FORMAT: jamba)
+    hf-memory convert   --from FORMAT SRC DST (jamba, llama), or --to FORMAT SRC DST (jamba)
     hf-memory presets   list the named configurations and their sources
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 
@@ -58,7 +59,11 @@ def convert(args: argparse.Namespace) -> int:
 
     direction, fmt = ("from", args.source_format) if args.source_format else ("to", args.target_format)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    converter(direction, fmt)(args.source, args.destination, dtype=dtype)
+    options = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        options[key.replace("-", "_")] = ast.literal_eval(value) if value[:1].isdigit() else value
+    converter(direction, fmt)(args.source, args.destination, dtype=dtype, **options)
     print(f"converted {args.source} ({fmt if direction == 'from' else 'hf-memory'}) -> {args.destination} "
           f"({'hf-memory' if direction == 'from' else fmt})")
     return 0
@@ -86,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=demo)
     conversion = commands.add_parser("convert", help="convert a checkpoint folder from / to a public format")
     formats = conversion.add_mutually_exclusive_group(required=True)
-    formats.add_argument("--from", dest="source_format", help="format of SRC, e.g. jamba (transformers' Jamba)")
+    formats.add_argument("--from", dest="source_format",
+                         help="format of SRC: jamba (transformers' Jamba), llama (-> Infini-attention)")
     formats.add_argument("--to", dest="target_format", help="format to write, e.g. jamba")
     conversion.add_argument("source", metavar="SRC")
     conversion.add_argument("destination", metavar="DST")
     conversion.add_argument("--dtype", default=None, help="e.g. float32 or bfloat16 (default: as saved)")
+    conversion.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help="converter option, e.g. segment_size=2048 or memory_update=linear (llama)")
     conversion.set_defaults(func=convert)
     listing = commands.add_parser("presets", help="list named configurations")
     listing.set_defaults(func=presets)

@@ -186,6 +186,15 @@ class InfiniAttentionPreTrainedModel(HFMemoryPreTrainedModel):
     _no_split_modules = ["InfiniAttentionDecoderLayer"]
     _supports_flash_attn = False  # segment masks are built here; eager and sdpa only
 
+    def memory_parameter_groups(self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list:
+        """Optimizer parameter groups: the memory gates (beta of eq. 6) with their own learning rate and no
+        weight decay, everything else with ``lr`` and ``weight_decay``. Pass them to any torch optimizer, e.g.
+        ``Trainer(..., optimizers=(torch.optim.AdamW(model.memory_parameter_groups(1e-4, gate_lr=1e-2)), None))``."""
+        gates = [p for name, p in self.named_parameters() if name.endswith("memory_gate")]
+        others = [p for name, p in self.named_parameters() if not name.endswith("memory_gate")]
+        return [{"params": others, "lr": lr, "weight_decay": weight_decay},
+                {"params": gates, "lr": lr if gate_lr is None else gate_lr, "weight_decay": 0.0}]
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, InfiniAttention):

@@ -1,0 +1,74 @@
+"""Infini-attention specifics: segment locality without memory, memory across segments, truncated
+gradients, gate parameter groups, and conversion from transformers' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import torch
+from conftest import build, random_ids
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_memory import cli
+
+
+def _with_open_gates(model):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.memory_gate.fill_(1.0)
+    return model
+
+
+def test_without_memory_a_segment_sees_nothing_of_earlier_segments():
+    model = build("infini-attention-tiny", use_memory=False)
+    ids = random_ids(model.config, 1, 24)
+    changed = ids.clone()
+    changed[:, :8] = (changed[:, :8] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        logits, changed_logits = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(changed_logits[:, 8:], logits[:, 8:])
+
+
+def test_with_memory_later_segments_read_earlier_ones_and_the_current_one_does_not():
+    model = _with_open_gates(build("infini-attention-tiny"))
+    ids = random_ids(model.config, 1, 24)
+    changed = ids.clone()
+    changed[:, 8:16] = (changed[:, 8:16] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        logits, changed_logits = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(changed_logits[:, :8], logits[:, :8])  # earlier segment: untouched
+    assert (changed_logits[:, 16:] - logits[:, 16:]).abs().max() > 1e-4  # later segment: reads the memory
+
+
+def test_memory_detach_every_segment_stops_gradients_between_segments():
+    for detach_every, crosses in ((None, True), (1, False)):
+        model = _with_open_gates(build("infini-attention-tiny", memory_detach_every=detach_every)).train()
+        embeddings = model.model.embed_tokens(random_ids(model.config, 1, 16)).detach().requires_grad_()
+        model(inputs_embeds=embeddings).logits[:, 8:].sum().backward()
+        assert (embeddings.grad[:, :8].abs().sum() > 0) == crosses
+
+
+def test_memory_gates_get_their_own_learning_rate_and_no_weight_decay():
+    model = build("infini-attention-tiny")
+    groups = model.memory_parameter_groups(1e-4, gate_lr=1e-2, weight_decay=0.1)
+    gates = {id(layer.self_attn.memory_gate) for layer in model.model.layers}
+    assert {id(p) for p in groups[1]["params"]} == gates
+    assert groups[1]["lr"] == 1e-2 and groups[1]["weight_decay"] == 0.0
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    torch.optim.AdamW(groups).step()  # the groups are accepted as they are
+
+
+def test_convert_from_llama_matches_the_source_within_the_first_segment(tmp_path):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager",
+    )).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    assert cli.main(["convert", "--from", "llama", str(tmp_path / "llama"), str(tmp_path / "infini"),
+                     "--set", "segment_size=8"]) == 0
+    infini = AutoModelForCausalLM.from_pretrained(tmp_path / "infini", attn_implementation="eager").eval()
+    assert infini.config.model_type == "hfm_infini_attention" and infini.config.segment_size == 8
+    ids = random_ids(infini.config, 2, 20)
+    with torch.no_grad():
+        expected, actual = llama(ids).logits, infini(ids).logits
+    assert (expected[:, :8] - actual[:, :8]).abs().max().item() <= 1e-4
+    assert (expected[:, 8:] - actual[:, 8:]).abs().max().item() > 1e-3  # local attention + memory from here on
