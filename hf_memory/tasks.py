@@ -8,6 +8,8 @@ asks for the values of some keys again. Token layout (vocabulary ``vocab_size``)
     bos k1 v1 k2 v2 ... kn vn  |  kq1 vq1 kq2 vq2 ...          (labels: the query values only)
 
 A model without memory of the pairs is at chance (1 / n_values) on the query values.
+
+Passkey retrieval (``PasskeySpec``): a passkey hidden in an earlier segment of filler, asked for at the end.
 """
 
 from __future__ import annotations
@@ -90,19 +92,23 @@ class MQARDataset(Dataset):
         return {name: tensor[index] for name, tensor in self.data.items()}
 
 
-def train_recall(model, spec: MQARSpec, steps: int, batch_size: int, lr: float, seed: int,
-                 progress: bool = True) -> list[float]:
-    """AdamW with a 50-step warmup on fresh MQAR batches; returns the training losses."""
+def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
+                 parameters=None) -> list[float]:
+    """AdamW with a 50-step warmup on fresh batches of the task of ``spec`` (MQAR or passkey); returns the
+    training losses. ``parameters`` may be optimizer parameter groups (default: all parameters)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters() if parameters is None else parameters, lr=lr, weight_decay=0.0)
+    make_batch = passkey_batch if isinstance(spec, PasskeySpec) else mqar_batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     losses = []
     bar = tqdm(range(steps), desc="training on MQAR", unit="step", disable=not progress)
     for _ in bar:
         model.train()
-        loss = model(**mqar_batch(spec, batch_size, generator), use_cache=False).loss
+        batch = make_batch(spec, batch_size, generator)
+        batch.pop("needle_segment", None)
+        loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -111,6 +117,45 @@ def train_recall(model, spec: MQARSpec, steps: int, batch_size: int, lr: float, 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return losses
+
+
+@dataclass(frozen=True)
+class PasskeySpec:
+    """Passkey retrieval across segments: filler, ``KEY passkey`` somewhere in an earlier segment, then
+    ``QUERY`` at the end; the model must answer the passkey. Token layout (vocabulary ``vocab_size``):
+    0 pad | 1 bos | 2 eos | 3 KEY | 4 QUERY | filler [5, vocab/2) | passkeys [vocab/2, vocab)."""
+
+    vocab_size: int = 128
+    segment_size: int = 8
+    num_segments: int = 4
+
+    @property
+    def length(self) -> int:
+        return self.segment_size * self.num_segments + 2
+
+    @property
+    def first_passkey(self) -> int:
+        return self.vocab_size // 2
+
+
+KEY, QUERY, FIRST_FILLER = 3, 4, 5
+
+
+def passkey_batch(spec: PasskeySpec, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``labels`` (the passkey after QUERY only), ``attention_mask`` and ``needle_segment``."""
+    ids = torch.randint(FIRST_FILLER, spec.first_passkey, (batch_size, spec.length), generator=generator)
+    ids[:, 0] = BOS
+    passkeys = torch.randint(spec.first_passkey, spec.vocab_size, (batch_size,), generator=generator)
+    needle_segment = torch.randint(0, spec.num_segments - 1, (batch_size,), generator=generator)
+    position = needle_segment * spec.segment_size + torch.randint(1, spec.segment_size - 1, (batch_size,),
+                                                                  generator=generator)
+    rows = torch.arange(batch_size)
+    ids[rows, position], ids[rows, position + 1] = KEY, passkeys
+    ids[:, -2], ids[:, -1] = QUERY, passkeys
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -1] = passkeys
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "needle_segment": needle_segment}
 
 
 @torch.no_grad()

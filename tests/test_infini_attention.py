@@ -72,3 +72,18 @@ def test_convert_from_llama_matches_the_source_within_the_first_segment(tmp_path
         expected, actual = llama(ids).logits, infini(ids).logits
     assert (expected[:, :8] - actual[:, :8]).abs().max().item() <= 1e-4
     assert (expected[:, 8:] - actual[:, 8:]).abs().max().item() > 1e-3  # local attention + memory from here on
+
+
+def test_passkey_task_puts_the_needle_in_an_earlier_segment_and_asks_at_the_end():
+    from hf_memory.tasks import KEY, QUERY, PasskeySpec, passkey_batch
+
+    spec = PasskeySpec(vocab_size=128, segment_size=8, num_segments=4)
+    batch = passkey_batch(spec, 256, torch.Generator().manual_seed(0))
+    ids = batch["input_ids"]
+    assert ids.shape == (256, spec.length) and (ids[:, -2] == QUERY).all()
+    row, position = torch.where(ids == KEY)
+    assert torch.equal(row, torch.arange(256))  # exactly one needle per row
+    assert torch.equal(ids[row, position + 1], ids[:, -1])  # the answer is the passkey after KEY
+    assert torch.equal(position // spec.segment_size, batch["needle_segment"])
+    assert (batch["needle_segment"] < spec.num_segments - 1).all()
+    assert ((batch["labels"] != -100).sum(1) == 1).all()
