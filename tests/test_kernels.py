@@ -91,11 +91,14 @@ def test_model_config_switch_reaches_every_layer():
 def test_import_registers_architectures_without_importing_any_kernel_package():
     run_python(textwrap.dedent("""
         import sys
+        kernel_packages = lambda: {m for m in sys.modules if m.split(".")[0] in {"fla", "causal_conv1d", "mamba_ssm", "triton"}}
+        # what transformers itself loads (its masking utilities import triton when it is installed)
+        import transformers.cache_utils, transformers.generation, transformers.masking_utils, transformers.modeling_utils
+        baseline = kernel_packages()
         import hf_memory
         from transformers import AutoConfig
         AutoConfig.for_model("hfm_gated_deltanet")
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"fla", "causal_conv1d", "mamba_ssm", "triton"})
-        assert loaded == [], loaded
+        assert kernel_packages() == baseline, sorted(kernel_packages() - baseline)
     """))
 
 
@@ -236,3 +239,52 @@ def test_mamba_ssm_selective_scan_matches_reference_forward_and_backward(length)
         results[use_kernels] = outputs
     for fused, reference in zip(results[True], results[False]):
         torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------- the project's Triton kernels
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_memory_read_matches_reference_forward_and_backward_under_the_interpreter():
+    run_python(textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on CPU
+        import torch
+        from hf_memory.ops.compressive_memory import empty_memory, retrieve, update
+        from hf_memory.ops.triton_memory import memory_retrieve
+        torch.manual_seed(0)
+        q = torch.randn(2, 4, 21, 16)
+        k, v = torch.randn(2, 2, 21, 16), torch.randn(2, 2, 21, 32)
+        memory, norm = update(*empty_memory(k, v), k, v, rule="delta")
+        leaves = [t.clone().requires_grad_() for t in (q, memory, norm)]
+        results = []
+        for read in (memory_retrieve, retrieve):
+            for t in leaves:
+                t.grad = None
+            out = read(*leaves, eps=1e-6)
+            out.square().sum().backward()
+            results.append([out] + [t.grad.clone() for t in leaves])
+        for fused, reference in zip(*results):
+            assert (fused - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), \\
+                (fused - reference).abs().max()
+        print("ok")
+    """))
+
+
+def test_memory_read_dispatches_to_the_triton_kernel_only_for_cuda_and_supported_dims(monkeypatch):
+    from hf_memory.ops import compressive_memory
+
+    calls = []
+    monkeypatch.setitem(kernels._loaded, "compressive_memory_retrieve",
+                        lambda q, m, z, eps: calls.append(q.shape) or compressive_memory.retrieve(q, m, z, eps))
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    q, memory, norm = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 16, 16).abs(), torch.rand(1, 2, 16)
+    compressive_memory.read_memory(q, memory, norm)
+    assert calls == []  # CPU
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    compressive_memory.read_memory(q, memory, norm)
+    assert len(calls) == 1
+    compressive_memory.read_memory(q[..., :12], memory[:, :, :12], norm[..., :12])  # d_k = 12: reference
+    compressive_memory.read_memory(q, memory, norm, use_kernels=False)
+    assert len(calls) == 1

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hf_memory.kernels import fused_kernel
+
 UPDATES = ("linear", "delta")
 
 
@@ -43,6 +45,16 @@ def retrieve(q: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, eps: flo
     numerator = sq @ memory
     denominator = sq @ norm[..., None] + eps
     return (numerator / denominator).reshape(batch, heads, length, -1).to(q.dtype)
+
+
+def read_memory(q: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, eps: float = 1e-6,
+                use_kernels: bool = True) -> torch.Tensor:
+    """Eq. 3, dispatched: the project's fused Triton read on CUDA (power-of-two head dims >= 16), else
+    ``retrieve``."""
+    d_k, d_v = q.shape[-1], memory.shape[-1]
+    supported = all(d >= 16 and d & (d - 1) == 0 for d in (d_k, d_v))
+    kernel = fused_kernel("compressive_memory_retrieve", q, memory, enabled=use_kernels and supported)
+    return retrieve(q, memory, norm, eps) if kernel is None else kernel(q, memory, norm, eps)
 
 
 def update(

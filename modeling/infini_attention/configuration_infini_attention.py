@@ -21,7 +21,8 @@ class InfiniAttentionConfig(PreTrainedConfig):
     updated by the ``memory_update`` rule (``"linear"`` or ``"delta"``). Memory is kept per KV head.
     ``memory_detach_every=k`` stops gradients through the memory after every k segments (the paper
     backpropagates through all of them: ``None``). ``use_memory=False`` gives the local-attention-only
-    ablation of the same model.
+    ablation of the same model. ``use_fused_kernels=False`` keeps the memory read on the PyTorch reference
+    even on CUDA.
     """
 
     model_type = "hfm_infini_attention"
@@ -47,6 +48,7 @@ class InfiniAttentionConfig(PreTrainedConfig):
     use_memory: bool = True
     memory_gate_init: float = 0.0
     memory_eps: float = 1e-6
+    use_fused_kernels: bool = True
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True

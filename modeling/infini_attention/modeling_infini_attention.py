@@ -30,7 +30,7 @@ from hf_memory.layers.attention import RotaryEmbedding, apply_rotary
 from hf_memory.layers.mlp import GatedMLP
 from hf_memory.layers.norms import RMSNorm
 from hf_memory.modeling_utils import HFMemoryPreTrainedModel
-from hf_memory.ops.compressive_memory import empty_memory, retrieve, update
+from hf_memory.ops.compressive_memory import empty_memory, read_memory, update
 
 from .configuration_infini_attention import InfiniAttentionConfig
 
@@ -76,7 +76,8 @@ class InfiniAttention(nn.Module):
         if not self.use_memory:
             return local
         gate = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
-        mixed = gate * retrieve(q, memory, norm, self.eps).float() + (1 - gate) * local.float()
+        retrieved = read_memory(q, memory, norm, self.eps, self.config.use_fused_kernels)
+        mixed = gate * retrieved.float() + (1 - gate) * local.float()
         return mixed.to(local.dtype)
 
     def forward(self, hidden_states, rotary: RotaryEmbedding, attention_mask=None, cache: Cache | None = None):
