@@ -31,7 +31,9 @@ FUSED_KERNELS: dict[str, tuple[str, str]] = {
     "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
     "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
     "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-    "compressive_memory_retrieve": ("hf_memory.ops.triton_memory", "memory_retrieve"),  # the project's Triton
+    # the project's own Triton kernels
+    "compressive_memory_retrieve": ("hf_memory.ops.triton_memory", "memory_retrieve"),
+    "compressive_memory_write": ("hf_memory.ops.triton_memory", "memory_write"),
 }
 
 _loaded: dict[str, Callable | None] = {}

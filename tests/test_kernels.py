@@ -156,16 +156,11 @@ def test_causal_conv1d_kernel_matches_reference_forward_and_backward():
 
 
 @gpu
-def test_model_on_cuda_gives_the_same_logits_with_and_without_kernels():
-    model = build("gated-deltanet-h1-tiny").cuda()
-    ids = random_ids(model.config, 2, 70).cuda()
+def test_model_on_cuda_gives_the_same_logits_with_and_without_kernels(preset):
+    fused, reference = (build(preset, use_fused_kernels=flag).cuda() for flag in (True, False))
+    ids = random_ids(fused.config, 2, 70).cuda()
     with torch.no_grad():
-        fused = model(ids).logits
-        for layer in model.model.layers:
-            if hasattr(layer.mixer, "use_fused_kernels"):
-                layer.mixer.use_fused_kernels = False
-        reference = model(ids).logits
-    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(fused(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------- Mamba-1 scan
@@ -246,7 +241,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_triton_memory_read_matches_reference_forward_and_backward_under_the_interpreter():
+def test_triton_memory_read_and_write_match_reference_forward_and_backward_under_the_interpreter():
     run_python(textwrap.dedent("""
         import os
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on CPU
@@ -268,6 +263,20 @@ def test_triton_memory_read_matches_reference_forward_and_backward_under_the_int
         for fused, reference in zip(*results):
             assert (fused - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), \\
                 (fused - reference).abs().max()
+        from hf_memory.ops.triton_memory import memory_write
+        keep = torch.ones(2, 21)
+        keep[0, :5] = 0
+        for rule in ("linear", "delta"):
+            leaves = [t.clone().requires_grad_() for t in (memory, norm, k, v)]
+            results = []
+            for write in (memory_write, update):
+                for t in leaves:
+                    t.grad = None
+                new_memory, new_norm = write(*leaves, keep, rule)
+                (new_memory.square().sum() + new_norm.square().sum()).backward()
+                results.append([new_memory, new_norm] + [t.grad.clone() for t in leaves])
+            for fused, reference in zip(*results):
+                assert (fused - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), rule
         print("ok")
     """))
 
@@ -288,3 +297,10 @@ def test_memory_read_dispatches_to_the_triton_kernel_only_for_cuda_and_supported
     compressive_memory.read_memory(q[..., :12], memory[:, :, :12], norm[..., :12])  # d_k = 12: reference
     compressive_memory.read_memory(q, memory, norm, use_kernels=False)
     assert len(calls) == 1
+    writes = []
+    monkeypatch.setitem(kernels._loaded, "compressive_memory_write",
+                        lambda *args: writes.append(1) or compressive_memory.update(*args))
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    compressive_memory.write_memory(memory, norm, k, v, None, "delta")
+    compressive_memory.write_memory(memory, norm, k, v, None, "delta", use_kernels=False)
+    assert writes == [1]

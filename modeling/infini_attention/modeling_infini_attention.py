@@ -30,7 +30,7 @@ from hf_memory.layers.attention import RotaryEmbedding, apply_rotary
 from hf_memory.layers.mlp import GatedMLP
 from hf_memory.layers.norms import RMSNorm
 from hf_memory.modeling_utils import HFMemoryPreTrainedModel
-from hf_memory.ops.compressive_memory import empty_memory, read_memory, update
+from hf_memory.ops.compressive_memory import empty_memory, read_memory, write_memory
 
 from .configuration_infini_attention import InfiniAttentionConfig
 
@@ -118,8 +118,8 @@ class InfiniAttention(nn.Module):
                                     allowed[:, None], self.scaling, self.config._attn_implementation)
             outputs.append(self._mix(local, q_raw[:, :, segment], memory, norm))
             complete = (real >= start + n)[:, None].expand(-1, n)  # a row's segment is written once it is full
-            memory, norm = update(memory, norm, k_raw[:, :, segment], v[:, :, segment], complete,
-                                  self.update_rule, self.eps)
+            memory, norm = write_memory(memory, norm, k_raw[:, :, segment], v[:, :, segment], complete,
+                                        self.update_rule, self.eps, self.config.use_fused_kernels)
             if self.detach_every and (index + 1) % self.detach_every == 0:
                 memory, norm = memory.detach(), norm.detach()
         out = torch.cat(outputs, dim=2)[:, :, :length]
@@ -157,7 +157,8 @@ class InfiniAttention(nn.Module):
 
             count = layer.count + live.long()
             full = (count == n)[:, None].expand(-1, n)
-            memory, norm = update(layer.memory, layer.norm, raw_keys, values, full, self.update_rule, self.eps)
+            memory, norm = write_memory(layer.memory, layer.norm, raw_keys, values, full, self.update_rule, self.eps,
+                                        self.config.use_fused_kernels)
             layer.store(memory, norm, keys, raw_keys, values, torch.where(count == n, 0, count),
                         layer.seen + live.long(), layer.processed + 1)
         return torch.cat(outputs, dim=2)
