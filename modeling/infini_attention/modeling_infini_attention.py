@@ -156,10 +156,12 @@ class InfiniAttention(nn.Module):
             outputs.append(self._mix(local, q_t, layer.memory, layer.norm))
 
             count = layer.count + live.long()
-            full = (count == n)[:, None].expand(-1, n)
-            memory, norm = write_memory(layer.memory, layer.norm, raw_keys, values, full, self.update_rule, self.eps,
-                                        self.config.use_fused_kernels)
-            layer.store(memory, norm, keys, raw_keys, values, torch.where(count == n, 0, count),
+            filled = count == n
+            memory, norm = layer.memory, layer.norm
+            if bool(filled.any()):  # a segment is written once, when it fills
+                memory, norm = write_memory(memory, norm, raw_keys, values, filled[:, None].expand(-1, n),
+                                            self.update_rule, self.eps, self.config.use_fused_kernels)
+            layer.store(memory, norm, keys, raw_keys, values, torch.where(filled, 0, count),
                         layer.seen + live.long(), layer.processed + 1)
         return torch.cat(outputs, dim=2)
 
