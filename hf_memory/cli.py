@@ -62,7 +62,10 @@ def convert(args: argparse.Namespace) -> int:
     options = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
-        options[key.replace("-", "_")] = ast.literal_eval(value) if value[:1].isdigit() else value
+        try:
+            options[key.replace("-", "_")] = ast.literal_eval(value)  # numbers, True / None, quoted strings
+        except (ValueError, SyntaxError):
+            options[key.replace("-", "_")] = value  # a bare word, e.g. memory_update=linear
     converter(direction, fmt)(args.source, args.destination, dtype=dtype, **options)
     print(f"converted {args.source} ({fmt if direction == 'from' else 'hf-memory'}) -> {args.destination} "
           f"({'hf-memory' if direction == 'from' else fmt})")

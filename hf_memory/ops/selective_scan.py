@@ -24,22 +24,6 @@ import torch
 from hf_memory.kernels import fused_kernel, needs_grad
 
 
-def _discretise(u, delta, A, B):
-    """(decay exp(Delta A) [B, D, N, T], input Delta B u [B, D, N, T]) in fp32."""
-    delta = delta.float()
-    decay = torch.exp(delta[:, :, None, :] * A.float()[None, :, :, None])
-    drive = (delta * u.float())[:, :, None, :] * B.float()[:, None, :, :]
-    return decay, drive
-
-
-def _readout(states, u, C, D):
-    """y_t = C_t^T h_t + D x_t from all states [B, D, N, T]."""
-    y = (states * C.float()[:, None, :, :]).sum(2)
-    if D is not None:
-        y = y + D.float()[None, :, None] * u.float()
-    return y
-
-
 def selective_scan_sequential(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -50,14 +34,17 @@ def selective_scan_sequential(
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference recurrence (the definition). Returns (y [B, D, T], final state [B, D, N] fp32)."""
-    decay, drive = _discretise(u, delta, A, B)
-    state = decay.new_zeros(decay.shape[:3]) if initial_state is None else initial_state.float()
-    states = []
+    u_, delta_, A_, B_, C_ = (t.float() for t in (u, delta, A, B, C))
+    state = u_.new_zeros(*u_.shape[:2], A_.shape[1]) if initial_state is None else initial_state.float()
+    outputs = []
     for t in range(u.shape[-1]):
-        state = decay[..., t] * state + drive[..., t]
-        states.append(state)
-    all_states = torch.stack(states, dim=-1) if states else decay
-    return _readout(all_states, u, C, D).to(u.dtype), state
+        decay = torch.exp(delta_[:, :, t, None] * A_)  # exp(Delta_t A)
+        state = decay * state + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        outputs.append(torch.einsum("bdn,bn->bd", state, C_[:, :, t]))  # C_t^T h_t
+    y = torch.stack(outputs, dim=-1) if outputs else u_.new_zeros(u_.shape)
+    if D is not None:
+        y = y + D.float()[None, :, None] * u_
+    return y.to(u.dtype), state
 
 
 class _StepwiseScan(torch.autograd.Function):

@@ -144,7 +144,9 @@ class InfiniAttention(nn.Module):
             live = keep[:, t]  # [B]; a pad token changes nothing
             cos, sin = rotary(q, layer.seen[:, None])
             q_t, k_t = q[:, :, t : t + 1], k[:, :, t : t + 1]
-            keys, raw_keys, values = layer.keys.clone(), layer.raw_keys.clone(), layer.values.clone()
+            keys, raw_keys, values = layer.keys, layer.raw_keys, layer.values
+            if torch.is_grad_enabled():  # written in place when decoding; copied when autograd may need them
+                keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()
             slot = layer.count.clamp(max=n - 1)
             keys[rows, :, slot] = torch.where(live[:, None, None], apply_rotary(k_t, cos, sin)[:, :, 0],
                                               keys[rows, :, slot])
