@@ -25,6 +25,7 @@ CASES = {
     "window_larger_than_T": (2, 2, 2, 12, 20, 64, None, 5),
     "window_one": (1, 3, 1, 17, 17, 1, 5, 0),
     "single_query_decode": (2, 4, 2, 1, 30, 9, None, 4),
+    "default_blocks_long": (2, 4, 2, 300, 310, 20, None, 40),
 }
 
 
