@@ -54,7 +54,7 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, key_padding_
 
 
 def _softmax_attention(q, k, v, allowed, scaling, dropout=0.0, training=False):
-    """Eager softmax(scaling q k^T) v over KV heads; q [B, H_kv, G * L, d], allowed broadcastable to the scores.
+    """Eager softmax(scaling q k^T) v in fp32; q [B, h, L, d], k, v [B, h, K, d], allowed broadcastable to [B, h, L, K].
 
     Rows without an allowed key are opened to every key (finite softmax, finite gradients) and zeroed afterwards.
     """
@@ -75,7 +75,7 @@ def sliding_window_attention_reference(
     scaling: float,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The definition: the full [B, 1, T, S] mask, KV heads expanded to the query heads. Returns [B, T, H, d]."""
+    """The definition: the full [B, 1, T, S] mask, KV heads repeated for the query heads. Returns [B, T, H, d]."""
     _check(query, key, window, key_padding_mask)
     groups = query.shape[1] // key.shape[1]
     key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
@@ -120,8 +120,9 @@ def sliding_window_attention(
     """Blockwise sliding-window attention, equal to ``sliding_window_attention_reference``. Returns [B, T, H, d].
 
     ``block_size`` queries at a time (default: the window clamped to [128, 256], the fastest on CPU at windows 64 and
-    2048 - short windows do not loop per handful of tokens, long ones keep small blocks - and never more than T). ``dropout`` drops attention weights when
-    ``training`` (the eager path); otherwise each block goes through ``F.scaled_dot_product_attention``.
+    2048: short windows do not loop over a handful of tokens, long ones keep small blocks; never more than T).
+    ``dropout`` drops attention weights when ``training`` (the eager path); otherwise each block goes through
+    ``F.scaled_dot_product_attention``.
     """
     _check(query, key, window, key_padding_mask)
     batch, heads, length, head_dim = query.shape
