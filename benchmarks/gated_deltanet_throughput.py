@@ -84,10 +84,10 @@ def kernel_parity(device, dtype, length: int = 512) -> str:
     beta = torch.rand(2, length, 4, device=device, dtype=dtype)
     leaves = [t.requires_grad_() for t in (q, k, v, g, beta)]
     results = []
-    for use_kernels in (True, False):
+    for use_fused_kernels in (True, False):
         for t in leaves:
             t.grad = None
-        o, state = gated_delta_rule(*leaves, use_kernels=use_kernels)
+        o, state = gated_delta_rule(*leaves, use_fused_kernels=use_fused_kernels)
         (o.float().square().mean() + state.square().mean()).backward()
         results.append([o.float(), state] + [t.grad.float() for t in leaves])
     errors = [(a - b).abs().max().item() for a, b in zip(*results)]

@@ -31,7 +31,7 @@ def config_from_jamba(config: JambaConfig) -> JambaHybridConfig:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return JambaHybridConfig(
         **{field: getattr(config, field) for field in SHARED_FIELDS},
-        attention_head_dim=head_dim, mamba_version="mamba1", mamba_inner_norms=True,
+        head_dim=head_dim, mamba_version="mamba1", mamba_inner_norms=True,
     )
 
 
@@ -43,8 +43,8 @@ def config_to_jamba(config: JambaHybridConfig) -> JambaConfig:
     if (config.layer_types, config.mlp_layer_types) != (by_period.layer_types, by_period.mlp_layer_types):
         raise ValueError("transformers' Jamba places layers by period/offset only; this config's explicit "
                          "layer_types / mlp_layer_types do not follow them")
-    if config.attention_head_dim != config.hidden_size // config.num_attention_heads:
-        raise ValueError("transformers' Jamba needs attention_head_dim == hidden_size // num_attention_heads")
+    if config.head_dim != config.hidden_size // config.num_attention_heads:
+        raise ValueError("transformers' Jamba needs head_dim == hidden_size // num_attention_heads")
     return JambaConfig(**{field: getattr(config, field) for field in SHARED_FIELDS})
 
 

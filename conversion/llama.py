@@ -19,16 +19,14 @@ GATE_INIT = -15.0
 
 
 def config_from_llama(config, segment_size: int = 2048, memory_update: str = "delta") -> InfiniAttentionConfig:
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"only default RoPE can be converted, this Llama uses {rope.get('rope_type')!r}")
+    """The Llama's sizes and RoPE (any of transformers' RoPE types, e.g. Llama-3's scaled RoPE), plus segments."""
     if getattr(config, "mlp_bias", False):
         raise ValueError("Llama checkpoints with mlp_bias=True cannot be converted (the MLP here has no bias)")
     return InfiniAttentionConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, attention_head_dim=config.head_dim,
-        hidden_act=config.hidden_act, rms_norm_eps=config.rms_norm_eps, rope_theta=rope.get("rope_theta", 10000.0),
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        hidden_act=config.hidden_act, rms_norm_eps=config.rms_norm_eps, rope_parameters=dict(config.rope_parameters),
         attention_bias=config.attention_bias, max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings, pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, initializer_range=config.initializer_range,

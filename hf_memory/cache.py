@@ -1,12 +1,15 @@
-"""Recurrent state in transformers' ``cache_utils``.
+"""Recurrent and segment state in transformers' ``cache_utils``; models use the named functions below, never
+``cache.layers[i]``.
 
 Recurrent layers are ``"linear_attention"`` in ``config.layer_types`` (transformers' name for Mamba / GDN
 layers), so ``DynamicCache(config=model.config)`` and ``generate`` build a ``LinearAttentionLayer`` for each:
 a short-conv history and a recurrent state, reordered by beam search. Attention layers
-(``"full_attention"``, ``"sliding_attention"``) get transformers' KV layers.
+(``"full_attention"``, ``"sliding_attention"``) get transformers' KV layers. Segment-wise architectures
+(Infini-attention now, RMT and Titans next) subclass ``SegmentCacheLayer`` in their modeling file with their
+own ``_layer_type``.
 
-These helpers are how a recurrent layer reads and writes its state. A recurrent state cannot be rolled
-back, so recording the past for a later ``crop`` (assisted / speculative decoding) is refused up front.
+A recurrent state cannot be rolled back, so recording the past for a later ``crop`` (assisted / speculative
+decoding) is refused up front.
 """
 
 from __future__ import annotations
@@ -38,35 +41,62 @@ def store_recurrent_state(
     cache.update_recurrent_state(state.float(), layer_idx)
 
 
-class SegmentMemoryLayer(cache_utils.CacheLayerMixin):
-    """Cache of one Infini-attention layer (``layer_types`` entry ``"infini_attention"``).
+def segment_state(cache: Cache | None, layer_idx: int) -> SegmentCacheLayer | None:
+    """The segment cache layer of ``layer_idx`` once it holds a state, else None (no cache, or first call)."""
+    if cache is None:
+        return None
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, SegmentCacheLayer):
+        raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a segment cache layer: build the "
+                         "cache with DynamicCache(config=model.config) for this model")
+    return layer if layer.is_initialized else None
 
-    Per row: the compressive memory M [H_kv, d_k, d_v] and normaliser z [H_kv, d_k] (fp32), the current
-    segment's rotated keys, un-rotated keys and values (at most ``segment_size`` tokens: decode memory is
-    bounded by one segment), how many tokens the segment holds, and how many real tokens the row has seen
-    (its next RoPE position). When a row's segment fills it is folded into M, z and emptied.
+
+def store_segment_state(cache: Cache | None, layer_idx: int, **state) -> None:
+    """Keep a segment layer's state (the names its ``state_names`` declare, plus count and processed)."""
+    if cache is not None:
+        cache.layers[layer_idx].store(**state)
+
+
+class SegmentCacheLayer(cache_utils.CacheLayerMixin):
+    """Cache of a segment-wise layer: per row, the state the architecture names in ``state_names`` (tensors
+    with the batch first: a memory, the current segment's keys / values ...), ``count`` [B] real tokens in
+    each row's unfinished segment, and ``processed`` tokens fed (pads included; what ``get_seq_length``
+    reports). Bounded: at most one segment of tokens is kept.
+
+    A subclass sets ``_layer_type`` (registered for ``DynamicCache`` and ``StaticCache`` alike: the state is
+    already bounded) and ``state_names``.
     """
 
-    _layer_type = "infini_attention"
+    state_names: tuple[str, ...] = ()
     supports_early_init = False
     is_compileable = False
     is_croppable = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._layer_type is not None:
+            cache_utils.STATIC_LAYER_TYPE_MAPPING[cls._layer_type] = cls
+
     def __init__(self, **kwargs):
         super().__init__()
-        self.memory = self.norm = self.raw_keys = None
-        self.count = self.seen = None
+        for name in self.state_names:
+            setattr(self, name, None)
+        self.count = None
         self.processed = 0
 
     def lazy_initialization(self, *args, **kwargs) -> None:
-        raise NotImplementedError("an Infini-attention cache layer is filled by `store`, not by key/value updates")
+        raise NotImplementedError(f"a {type(self).__name__} is filled by `store`, not by key/value updates")
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError("an Infini-attention cache layer is filled by `store`, not by key/value updates")
+        raise NotImplementedError(f"a {type(self).__name__} is filled by `store`, not by key/value updates")
 
-    def store(self, memory, norm, keys, raw_keys, values, count, seen, processed: int) -> None:
-        self.memory, self.norm, self.keys, self.raw_keys, self.values = memory, norm, keys, raw_keys, values
-        self.count, self.seen, self.processed = count, seen, processed
+    def store(self, count: torch.Tensor, processed: int, **state: torch.Tensor) -> None:
+        if set(state) != set(self.state_names):
+            raise ValueError(f"{type(self).__name__} stores {sorted(self.state_names)}, got {sorted(state)}")
+        for name, tensor in state.items():
+            setattr(self, name, tensor)
+        self.count, self.processed = count, processed
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -78,33 +108,28 @@ class SegmentMemoryLayer(cache_utils.CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.processed + query_length, 0
 
-    def _tensors(self) -> list[str]:
-        return ["memory", "norm", "keys", "raw_keys", "values", "count", "seen"]
+    def _map_tensors(self, fn) -> None:
+        if self.is_initialized:
+            for name in (*self.state_names, "count"):
+                setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            for name in self._tensors():
-                tensor = getattr(self, name)
-                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            for name in self._tensors():
-                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            for name in self._tensors():
-                setattr(self, name, getattr(self, name)[indices])
+        self._map_tensors(lambda t: t[indices])
 
     def reset(self) -> None:
         self.__init__()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a compressive memory cannot be cropped: the folded segments cannot be taken back")
+        raise NotImplementedError("a segment memory cannot be cropped: folded segments cannot be taken back")
 
     def offload(self) -> None:
-        raise NotImplementedError("offloading is not supported for Infini-attention cache layers")
+        raise NotImplementedError(f"offloading is not supported for {type(self).__name__}")
 
     def prefetch(self) -> None:
-        raise NotImplementedError("offloading is not supported for Infini-attention cache layers")
+        raise NotImplementedError(f"offloading is not supported for {type(self).__name__}")

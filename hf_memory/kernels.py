@@ -4,7 +4,7 @@ A fused kernel is used only when all of these hold:
   * the tensors are on CUDA (transformers' Qwen3-Next sends CPU tensors to Triton kernels and crashes;
     here the device decides first),
   * the optional package imports (it is imported lazily, on the first CUDA call, never at import time),
-  * the caller did not switch kernels off (``config.use_kernels=False``) and the environment variable
+  * the caller did not switch kernels off (``use_fused_kernels=False`` in the config or the op call) and the environment variable
     ``HF_MEMORY_DISABLE_KERNELS`` does not name the operator (a comma list, or ``1``/``all`` for every one).
 
 Each choice is logged once per (operator, implementation).
@@ -74,10 +74,10 @@ def on_cuda(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
-def fused_kernel(op: str, *tensors: torch.Tensor, enabled: bool = True) -> Callable | None:
+def fused_kernel(op: str, *tensors: torch.Tensor, use_fused_kernels: bool = True) -> Callable | None:
     """Return the fused implementation of ``op`` for these tensors, or ``None`` for the PyTorch reference."""
     if op not in FUSED_KERNELS:
         raise KeyError(f"unknown operator {op!r}; known: {sorted(FUSED_KERNELS)}")
-    kernel = _load(op) if (enabled and on_cuda(*tensors) and not kernels_disabled(op)) else None
+    kernel = _load(op) if (use_fused_kernels and on_cuda(*tensors) and not kernels_disabled(op)) else None
     _log_once(op, "fused" if kernel is not None else "reference")
     return kernel

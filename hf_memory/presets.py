@@ -14,13 +14,13 @@ class Preset:
 
 
 _GDN_TINY = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=2.0,
-    intermediate_size=128, chunk_size=16, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, linear_num_key_heads=2, linear_key_head_dim=16,
+    linear_value_head_dim=32, intermediate_size=128, linear_chunk_size=16, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
 _GDN_1_3B = dict(
-    vocab_size=32000, hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2.0,
-    conv_size=4, intermediate_size=5632, max_position_embeddings=4096,
+    vocab_size=32000, hidden_size=2048, num_hidden_layers=21, linear_num_key_heads=6, linear_key_head_dim=256,
+    linear_value_head_dim=512, linear_conv_kernel_dim=4, intermediate_size=5632, max_position_embeddings=4096,
 )
 
 _JAMBA_TINY = dict(
@@ -88,11 +88,14 @@ def list_presets() -> dict[str, str]:
 
 
 def get_config(name: str, **overrides):
-    """The config of preset ``name``, with ``overrides`` applied (validated like any config)."""
+    """The config of preset ``name``, with ``overrides`` applied (validated like any config; a key that is no
+    field of the architecture's config is refused, naming the closest one)."""
     from hf_memory import ARCHITECTURES
+    from hf_memory.configuration_utils import reject_unknown_keys
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     preset = PRESETS[name]
     config_class = ARCHITECTURES[preset.architecture].config_class
+    reject_unknown_keys(config_class, overrides)
     return config_class(**{**preset.config, **overrides})

@@ -19,12 +19,14 @@ TINY_PRESETS = [name for name in hf_memory.PRESETS if name.endswith("-tiny")]
 INVALID_CONFIGS = {
     "gated_deltanet": [
         ({"hidden_size": 0}, "hidden_size"),
-        ({"num_v_heads": 3}, "num_v_heads"),
-        ({"expand_v": 0.3}, "expand_v"),
+        ({"linear_num_value_heads": 3}, "linear_num_value_heads"),
+        ({"linear_value_head_dim": 0}, "linear_value_head_dim"),
         ({"layer_types": ["linear_attention"]}, "layer_types"),
         ({"layer_types": ["linear_attention", "mamba2"]}, "layer_types"),
         ({"layer_types": ["linear_attention", "sliding_attention"], "sliding_window": None}, "sliding_window"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"rope_theta": 0.0}, "rope_parameters"),
+        ({"chunk_size": 16}, "chunk_size"),
     ],
     "jamba": [
         ({"attn_layer_offset": 4}, "attn_layer_offset"),
@@ -43,6 +45,8 @@ INVALID_CONFIGS = {
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"layer_types": ["infini_attention", "full_attention"]}, "layer_types"),
         ({"memory_eps": 0.0}, "memory_eps"),
+        ({"memory_gate_init": float("nan")}, "memory_gate_init"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}, "rope_parameters"),
     ],
 }
 
@@ -62,7 +66,8 @@ def build(name: str, seed: int = 0, **overrides):
 
 def crossing_length(config) -> int:
     """A prompt length that crosses every chunk, window and segment boundary of the config at least twice."""
-    spans = [getattr(config, field, None) or 0 for field in ("chunk_size", "sliding_window", "segment_size")]
+    spans = [getattr(config, field, None) or 0
+             for field in ("linear_chunk_size", "mamba_chunk_size", "sliding_window", "segment_size")]
     return 2 * max(spans + [8]) + 7
 
 
@@ -82,3 +87,17 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> 
 @pytest.fixture(params=TINY_PRESETS)
 def preset(request) -> str:
     return request.param
+
+
+# Config overrides every architecture must refuse, each naming the field (typos name the closest one).
+COMMON_INVALID_CONFIGS = [
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"hidden_act": "swishy"}, "hidden_act"),
+    ({"hiden_size": 64}, "hiden_size"),
+    ({"layer_types": ["mamba", "mamba"], "num_hidden_layers": 2}, "layer_types"),
+    ({"num_hidden_layers": 3, "layer_types": ["full_attention", "full_attention"]}, "layer_types"),
+]

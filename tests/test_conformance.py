@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import INVALID_CONFIGS, build, crossing_length, random_ids, run_python, tiny_config
+from conftest import COMMON_INVALID_CONFIGS, INVALID_CONFIGS, build, crossing_length, random_ids, run_python, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 import hf_memory
@@ -200,7 +201,7 @@ def test_cropping_a_recurrent_or_memory_cache_is_refused_with_a_clear_error(pres
 
 def test_invalid_configs_raise_value_error_naming_the_field(preset):
     architecture = hf_memory.PRESETS[preset].architecture
-    for overrides, field in INVALID_CONFIGS[architecture]:
+    for overrides, field in INVALID_CONFIGS[architecture] + COMMON_INVALID_CONFIGS:
         if "layer_types" in overrides:
             overrides = {"num_hidden_layers": 2, **overrides}
         with pytest.raises(ValueError, match=f"`{field}`"):
@@ -219,9 +220,8 @@ def test_saved_folder_carries_auto_map_code_and_a_hub_model_card(preset, tmp_pat
     for code in tmp_path.glob("*.py"):
         for node in ast.walk(ast.parse(code.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert node.module.split(".")[0] in {"torch", "transformers", "huggingface_hub", "__future__",
-                                                     "collections", "dataclasses", "math", "os", "logging",
-                                                     "importlib", "typing"}, f"{code.name}: {node.module}"
+                top = node.module.split(".")[0]
+                assert top in {"torch", "transformers", "huggingface_hub"} | sys.stdlib_module_names, code.name
             if isinstance(node, ast.Import):
                 assert not any(alias.name.startswith("hf_memory") for alias in node.names), code.name
     card = ModelCard.load(tmp_path / "README.md")
@@ -280,3 +280,128 @@ def test_push_to_hub_uploads_the_same_files_as_save_pretrained(preset, tmp_path,
     assert set(uploaded) == {p.name for p in tmp_path.iterdir()}
     for name in ("config.json", "README.md", "model.safetensors"):
         assert uploaded[name] == (tmp_path / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------ transformers' model API, as Llama has it
+def _manual_decode(model, ids, prefill, cache_kwarg):
+    """Logits of a hand-written decode loop passing the cache under ``cache_kwarg``."""
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        steps = [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg: out.cache})
+            steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("old_name", ["past_key_values", "cache_params"])
+def test_deprecated_cache_argument_names_still_carry_the_cache_with_a_future_warning(preset, old_name):
+    model = build(preset)
+    ids = random_ids(model.config, 2, crossing_length(model.config))
+    expected = _manual_decode(model, ids, 9, "cache")
+    with pytest.warns(FutureWarning, match=old_name):
+        logits = _manual_decode(model, ids, 9, old_name)
+    assert torch.equal(logits, expected)
+
+
+def test_return_dict_false_returns_the_tuple_llama_returns(preset):
+    model = build(preset)
+    ids = random_ids(model.config, 2, 12)
+    with torch.no_grad():
+        as_dict = model(ids, labels=ids, use_cache=False)
+        as_tuple = model(ids, labels=ids, use_cache=False, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+
+
+def test_output_hidden_states_set_in_the_config_at_load_is_honoured(preset, tmp_path):
+    build(preset).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, output_hidden_states=True).eval()
+    ids = random_ids(model.config, 2, 12)
+    with torch.no_grad():
+        out = model(ids)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(ids))
+
+
+SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention"}
+
+
+def test_output_attentions_returns_one_map_per_softmax_attention_layer(preset):
+    model = build(preset)
+    ids = random_ids(model.config, 2, 12)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    expected = sum(t in SOFTMAX_LAYER_TYPES for t in model.config.layer_types)
+    assert len(out.attentions) == expected
+    for weights in out.attentions:
+        assert weights.shape[:3] == (2, model.config.num_attention_heads, 12)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
+
+
+def test_set_attn_implementation_reaches_every_softmax_attention(preset):
+    model = build(preset, attn_implementation="sdpa")
+    ids = random_ids(model.config, 2, crossing_length(model.config))
+    with torch.no_grad():
+        sdpa = model(ids).logits
+        model.set_attn_implementation("eager")
+        out = model(ids, output_attentions=True)
+    assert len(out.attentions) == sum(t in SOFTMAX_LAYER_TYPES for t in model.config.layer_types)
+    assert (out.logits - sdpa).abs().max() <= 1e-4
+
+
+def test_static_cache_generation_equals_dynamic_cache_generation(preset):
+    model = build(preset)
+    prompt = random_ids(model.config, 2, crossing_length(model.config) // 2)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_head_dim_is_the_attention_head_size_everywhere(preset):
+    model = build(preset)
+    config = model.config
+    attentions = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "num_key_value_groups")]
+    assert len(attentions) == sum(t in SOFTMAX_LAYER_TYPES for t in config.layer_types)
+    for module in attentions:
+        assert module.head_dim == config.head_dim
+        assert module.q_proj.out_features == config.num_attention_heads * config.head_dim
+
+
+def test_rope_parameters_select_transformers_rope_types(preset):
+    config = tiny_config(preset)
+    if getattr(config, "rope_parameters", None) is None:
+        pytest.skip("no RoPE in this architecture")
+    ids = random_ids(config, 1, crossing_length(config))
+    logits = {}
+    for rope in ({"rope_type": "default", "rope_theta": 10000.0},
+                 {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}):
+        model = build(preset, rope_parameters=rope)
+        assert model.model.rotary_emb.rope_type == rope["rope_type"]
+        with torch.no_grad():
+            logits[rope["rope_type"]] = model(ids).logits
+    assert (logits["default"] - logits["linear"]).abs().max() > 1e-4
+
+
+def test_trainer_resumes_from_a_checkpoint_to_the_uninterrupted_weights(preset, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_memory.tasks import MQARDataset, MQARSpec
+
+    spec = MQARSpec(vocab_size=tiny_config(preset).vocab_size, num_pairs=4, num_queries=4)
+    data = MQARDataset(spec, 64, seed=0)
+
+    def trainer(output_dir, max_steps):
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=16,
+                                 learning_rate=1e-3, lr_scheduler_type="constant", save_strategy="steps", save_steps=2,
+                                 report_to=[], use_cpu=True,
+                                 disable_tqdm=True, seed=0, logging_strategy="no")
+        return Trainer(model=build(preset), args=args, train_dataset=data)
+
+    whole = trainer(tmp_path / "whole", 4)
+    whole.train()
+    trainer(tmp_path / "part", 2).train()
+    resumed = trainer(tmp_path / "part", 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (name, expected), actual in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=name)

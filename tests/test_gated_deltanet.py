@@ -84,15 +84,14 @@ def _qwen3_next_layer_from(mixer: GatedDeltaNetMixer, config):
     from transformers import Qwen3NextConfig
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
-    qwen_config = Qwen3NextConfig(
-        hidden_size=config.hidden_size, linear_num_key_heads=config.num_heads,
-        linear_num_value_heads=config.num_v_heads, linear_key_head_dim=config.head_dim,
-        linear_value_head_dim=config.value_head_dim, linear_conv_kernel_dim=config.conv_size,
-        rms_norm_eps=config.rms_norm_eps, hidden_act="silu", num_hidden_layers=1, layer_types=["linear_attention"],
-    )
+    shared = ("hidden_size", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+              "linear_value_head_dim", "linear_conv_kernel_dim", "rms_norm_eps")  # the same names in both configs
+    qwen_config = Qwen3NextConfig(**{name: getattr(config, name) for name in shared}, hidden_act="silu",
+                                  num_hidden_layers=1, layer_types=["linear_attention"])
     layer = Qwen3NextGatedDeltaNet(qwen_config, layer_idx=0)
-    heads, groups = config.num_heads, config.num_v_heads // config.num_heads
-    d_k, d_v = config.head_dim, config.value_head_dim
+    heads = config.linear_num_key_heads
+    groups = config.linear_num_value_heads // heads
+    d_k, d_v = config.linear_key_head_dim, config.linear_value_head_dim
     qkvz, ba = [], []
     for h in range(heads):
         qkvz += [mixer.q_proj.weight[h * d_k : (h + 1) * d_k], mixer.k_proj.weight[h * d_k : (h + 1) * d_k],
@@ -110,21 +109,21 @@ def _qwen3_next_layer_from(mixer: GatedDeltaNetMixer, config):
     return layer.eval()
 
 
-@pytest.mark.parametrize("num_v_heads", [2, 4])
-def test_layer_parity_with_qwen3_next_gated_deltanet_on_shared_weights(num_v_heads):
-    config = hf_memory.get_config("gated-deltanet-tiny", num_v_heads=num_v_heads)
+@pytest.mark.parametrize("value_heads", [2, 4])
+def test_layer_parity_with_qwen3_next_gated_deltanet_on_shared_weights(value_heads):
+    config = hf_memory.get_config("gated-deltanet-tiny", linear_num_value_heads=value_heads)
     torch.manual_seed(0)
-    mixer = build("gated-deltanet-tiny", num_v_heads=num_v_heads).model.layers[0].mixer
+    mixer = build("gated-deltanet-tiny", linear_num_value_heads=value_heads).model.layers[0].mixer
     with torch.no_grad():
         mixer.o_norm.weight.uniform_(0.5, 1.5)
     theirs = _qwen3_next_layer_from(mixer, config)
     x = torch.randn(2, 45, config.hidden_size)
     with torch.no_grad():
-        assert (mixer(x) - theirs(x)).abs().max() <= 1e-5
+        assert (mixer(x)[0] - theirs(x)).abs().max() <= 1e-5
         ours_cache, their_cache = DynamicCache(config=config), DynamicCache(config=config)
         mixer(x[:, :30], cache=ours_cache)
         theirs(x[:, :30], cache=their_cache)
-        ours_step, their_step = mixer(x[:, 30:31], cache=ours_cache), theirs(x[:, 30:31], cache=their_cache)
+        ours_step, their_step = mixer(x[:, 30:31], cache=ours_cache)[0], theirs(x[:, 30:31], cache=their_cache)
         assert (ours_step - their_step).abs().max() <= 1e-5
         assert (ours_cache.layers[0].recurrent_states[0] - their_cache.layers[0].recurrent_states[0]).abs().max() <= 1e-5
 

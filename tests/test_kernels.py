@@ -71,7 +71,7 @@ def test_kernels_can_be_forced_off_by_config_or_environment(fake_kernel, monkeyp
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     if switch == "env-op":
         monkeypatch.setenv(kernels.DISABLE_ENV, "causal_conv1d_fn, chunk_gated_delta_rule")
-    gated_delta.gated_delta_rule(*_inputs(), use_kernels=enabled)
+    gated_delta.gated_delta_rule(*_inputs(), use_fused_kernels=enabled)
     assert fake_kernel == []
 
 
@@ -128,12 +128,12 @@ def test_fla_gated_delta_rule_matches_reference_forward_and_backward(dtype, leng
     state = torch.randn(2, 4, 8, 8, device="cuda") * 0.1
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [g.requires_grad_(), beta.to(dtype).requires_grad_()]
     results = {}
-    for use_kernels in (True, False):
+    for use_fused_kernels in (True, False):
         for t in leaves:
             t.grad = None
-        o, final = gated_delta.gated_delta_rule(*leaves, state, use_kernels=use_kernels)
+        o, final = gated_delta.gated_delta_rule(*leaves, state, use_fused_kernels=use_fused_kernels)
         (o.float().square().sum() + final.sum()).backward()
-        results[use_kernels] = [o.float(), final] + [t.grad.float() for t in leaves]
+        results[use_fused_kernels] = [o.float(), final] + [t.grad.float() for t in leaves]
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     for fused, reference in zip(results[True], results[False]):
         torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
@@ -146,9 +146,9 @@ def test_causal_conv1d_kernel_matches_reference_forward_and_backward():
     x = torch.randn(2, 64, 50, device="cuda", requires_grad=True)
     weight = torch.randn(64, 4, device="cuda", requires_grad=True)
     outputs = []
-    for use_kernels in (True, False):
+    for use_fused_kernels in (True, False):
         x.grad = weight.grad = None
-        y = short_conv.short_conv(x, weight, None, "silu", None, use_kernels)
+        y = short_conv.short_conv(x, weight, None, "silu", use_fused_kernels=use_fused_kernels)
         y.square().sum().backward()
         outputs.append((y, x.grad.clone(), weight.grad.clone()))
     for fused, reference in zip(*outputs):
@@ -222,16 +222,16 @@ def test_mamba_ssm_selective_scan_matches_reference_forward_and_backward(length)
     leaves = [t.requires_grad_() for t in _mamba_inputs(length, "cuda")]
     state = torch.randn(2, 16, 4, device="cuda") if length == 1 else None
     results = {}
-    for use_kernels in (True, False):
+    for use_fused_kernels in (True, False):
         for t in leaves:
             t.grad = None
         with torch.set_grad_enabled(length > 1):  # the one-step kernel is inference-only
-            y, final = scan_ops.selective_scan(*leaves, initial_state=state, use_kernels=use_kernels)
+            y, final = scan_ops.selective_scan(*leaves, initial_state=state, use_fused_kernels=use_fused_kernels)
             outputs = [y, final]
             if length > 1:
                 (y.square().sum() + final.sum()).backward()
                 outputs += [t.grad.clone() for t in leaves]
-        results[use_kernels] = outputs
+        results[use_fused_kernels] = outputs
     for fused, reference in zip(results[True], results[False]):
         torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
 
@@ -295,12 +295,12 @@ def test_memory_read_dispatches_to_the_triton_kernel_only_for_cuda_and_supported
     compressive_memory.read_memory(q, memory, norm)
     assert len(calls) == 1
     compressive_memory.read_memory(q[..., :12], memory[:, :, :12], norm[..., :12])  # d_k = 12: reference
-    compressive_memory.read_memory(q, memory, norm, use_kernels=False)
+    compressive_memory.read_memory(q, memory, norm, use_fused_kernels=False)
     assert len(calls) == 1
     writes = []
     monkeypatch.setitem(kernels._loaded, "compressive_memory_write",
                         lambda *args: writes.append(1) or compressive_memory.update(*args))
     k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     compressive_memory.write_memory(memory, norm, k, v, None, "delta")
-    compressive_memory.write_memory(memory, norm, k, v, None, "delta", use_kernels=False)
+    compressive_memory.write_memory(memory, norm, k, v, None, "delta", use_fused_kernels=False)
     assert writes == [1]

@@ -266,8 +266,8 @@ def test_kernels_can_be_forced_off_by_config_or_environment(fake_kernels, monkey
     if switch == "env-op":
         monkeypatch.setenv(kernels.DISABLE_ENV, "selective_state_update,mamba_chunk_scan_combined")
     x, dt, A, B, C, D, state = _inputs(length=20)
-    ssd(x, dt, A, B, C, D, state, use_kernels=switch != "config")
-    ssd(x[:, :1], dt[:, :1], A, B[:, :1], C[:, :1], D, state, use_kernels=switch != "config")
+    ssd(x, dt, A, B, C, D, state, use_fused_kernels=switch != "config")
+    ssd(x[:, :1], dt[:, :1], A, B[:, :1], C[:, :1], D, state, use_fused_kernels=switch != "config")
     assert fake_kernels == []
 
 
@@ -293,12 +293,12 @@ def test_mamba_chunk_scan_kernel_matches_reference_forward_and_backward(dtype, l
     leaves = [x.to(dtype), dt, A, B.to(dtype), C.to(dtype), D.cuda(), state.cuda()]
     leaves = [t.clone().requires_grad_() for t in leaves]
     results = {}
-    for use_kernels in (True, False):
+    for use_fused_kernels in (True, False):
         for t in leaves:
             t.grad = None
-        y, final = ssd(*leaves, chunk_size=64, use_kernels=use_kernels)
+        y, final = ssd(*leaves, chunk_size=64, use_fused_kernels=use_fused_kernels)
         (y.float().square().sum() + final.sum()).backward()
-        results[use_kernels] = [y.float(), final] + [t.grad.float() for t in leaves]
+        results[use_fused_kernels] = [y.float(), final] + [t.grad.float() for t in leaves]
     tolerance = 2e-3 if dtype == torch.float32 else 5e-2
     names = ["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate"]
     for name, fused, reference in zip(names, results[True], results[False]):
@@ -312,7 +312,7 @@ def test_selective_state_update_kernel_matches_the_recurrence(groups):
     x, dt, A, B, C, D, state = _inputs(length=1, groups=groups, head_dim=64, state_size=64, device="cuda")
     D, state = D.cuda(), state.cuda()
     with torch.no_grad():
-        y, final = ssd(x, dt, A, B, C, D, state, use_kernels=True)
-        y_ref, final_ref = ssd(x, dt, A, B, C, D, state, use_kernels=False)
+        y, final = ssd(x, dt, A, B, C, D, state, use_fused_kernels=True)
+        y_ref, final_ref = ssd(x, dt, A, B, C, D, state, use_fused_kernels=False)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)

@@ -68,9 +68,7 @@ class MambaMixer(nn.Module):
         return {"A_log": a.clone(), "D": torch.ones(self.intermediate_size), "dt_proj.bias": inverse_softplus_dt(
             self.intermediate_size, dt_min, dt_max)}
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         length = hidden_states.shape[1]
         mask = padding_mask(attention_mask, length)
         if mask is not None:
@@ -79,7 +77,8 @@ class MambaMixer(nn.Module):
 
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # [B, D_in, T] each
         conv_input = x
-        x = short_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", conv_history, self.use_fused_kernels)
+        x = short_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", history=conv_history,
+                       use_fused_kernels=self.use_fused_kernels)
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
 
@@ -94,10 +93,10 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         y, state = selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D, state,
-                                  self.use_fused_kernels)
+                                  use_fused_kernels=self.use_fused_kernels)
         store_recurrent_state(cache, self.layer_idx, conv_input, state, self.conv_kernel)
         y = y * F.silu(z)
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype)), None
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -159,9 +158,7 @@ class Mamba2Mixer(nn.Module):
         return {"A_log": torch.empty(self.num_heads).uniform_(1, 16).log(), "D": torch.ones(self.num_heads),
                 "dt_bias": inverse_softplus_dt(self.num_heads, dt_min, dt_max)}
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         batch, length, _ = hidden_states.shape
         mask = padding_mask(attention_mask, length)
         if mask is not None:
@@ -170,8 +167,8 @@ class Mamba2Mixer(nn.Module):
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], -1)
         conv_input = xBC.transpose(1, 2)  # [B, conv_dim, T]
-        xBC = short_conv(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", conv_history,
-                         self.use_fused_kernels).transpose(1, 2)
+        xBC = short_conv(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", history=conv_history,
+                         use_fused_kernels=self.use_fused_kernels).transpose(1, 2)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -183,8 +180,8 @@ class Mamba2Mixer(nn.Module):
             x.reshape(batch, length, self.num_heads, self.head_dim), dt, A,
             B.reshape(batch, length, self.n_groups, self.state_size),
             C.reshape(batch, length, self.n_groups, self.state_size),
-            self.D, state, self.chunk_size, self.use_fused_kernels,
+            self.D, state, chunk_size=self.chunk_size, use_fused_kernels=self.use_fused_kernels,
         )
         store_recurrent_state(cache, self.layer_idx, conv_input, state, self.conv_kernel)
         y = self.norm(y.reshape(batch, length, self.intermediate_size), z)
-        return self.out_proj(y.to(hidden_states.dtype))
+        return self.out_proj(y.to(hidden_states.dtype)), None

@@ -58,12 +58,12 @@ class SparseMoE(nn.Module):
         self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_top_k)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T, H] -> (output [B, T, H], router logits [B*T, E])."""
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, T, H]; the router's logits are recorded by the model (``output_router_logits``)."""
         batch, length, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)
-        logits, weights, index = self.router(x)
-        return self.experts(x, index, weights).reshape(batch, length, hidden), logits
+        _, weights, index = self.router(x)
+        return self.experts(x, index, weights).reshape(batch, length, hidden)
 
 
 def load_balancing_loss(

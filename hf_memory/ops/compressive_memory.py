@@ -53,18 +53,18 @@ def _kernel_dims(d_k: int, d_v: int) -> bool:
 
 
 def read_memory(q: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, eps: float = 1e-6,
-                use_kernels: bool = True) -> torch.Tensor:
+                *, use_fused_kernels: bool = True) -> torch.Tensor:
     """Eq. 3, dispatched: the project's fused Triton read on CUDA, else ``retrieve``."""
-    enabled = use_kernels and _kernel_dims(q.shape[-1], memory.shape[-1])
-    kernel = fused_kernel("compressive_memory_retrieve", q, memory, enabled=enabled)
+    enabled = use_fused_kernels and _kernel_dims(q.shape[-1], memory.shape[-1])
+    kernel = fused_kernel("compressive_memory_retrieve", q, memory, use_fused_kernels=enabled)
     return retrieve(q, memory, norm, eps) if kernel is None else kernel(q, memory, norm, eps)
 
 
 def write_memory(memory, norm, k, v, keep=None, rule: str = "linear", eps: float = 1e-6,
-                 use_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 *, use_fused_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4 / 5, dispatched: the project's fused Triton write on CUDA, else ``update``."""
-    enabled = use_kernels and _kernel_dims(k.shape[-1], v.shape[-1])
-    kernel = fused_kernel("compressive_memory_write", k, v, memory, enabled=enabled)
+    enabled = use_fused_kernels and _kernel_dims(k.shape[-1], v.shape[-1])
+    kernel = fused_kernel("compressive_memory_write", k, v, memory, use_fused_kernels=enabled)
     if kernel is None:
         return update(memory, norm, k, v, keep, rule, eps)
     return kernel(memory, norm, k, v, keep, rule, eps)

@@ -128,8 +128,9 @@ def gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
+    *,
     chunk_size: int = 64,
-    use_kernels: bool = True,
+    use_fused_kernels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatching entry point: fused kernel on CUDA when available, else the PyTorch references.
 
@@ -138,7 +139,7 @@ def gated_delta_rule(
     q, k = _repeat_key_heads(q, k, v.shape[2])
     single_step = q.shape[1] == 1
     op = "fused_recurrent_gated_delta_rule" if single_step else "chunk_gated_delta_rule"
-    kernel = fused_kernel(op, q, k, v, enabled=use_kernels)
+    kernel = fused_kernel(op, q, k, v, use_fused_kernels=use_fused_kernels)
     if kernel is not None:
         state = None if initial_state is None else initial_state.float().contiguous()
         o, final_state = kernel(

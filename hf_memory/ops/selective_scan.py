@@ -118,20 +118,21 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
-    use_kernels: bool = True,
+    *,
+    use_fused_kernels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatching entry point. Decode steps (T = 1) are a single update, never a re-scan; the fused one-step
     kernel has no backward, so it is used only when no gradient is needed."""
     if u.shape[-1] == 1 and initial_state is not None:
         tensors = (u, delta, A, B, C, D, initial_state)
-        kernel = None if needs_grad(*tensors) else fused_kernel("selective_state_update", u, enabled=use_kernels)
+        kernel = None if needs_grad(*tensors) else fused_kernel("selective_state_update", u, use_fused_kernels=use_fused_kernels)
         if kernel is not None:
             state = initial_state.float().clone()
             y = kernel(state, u[..., 0], delta[..., 0], A.float(), B[..., 0], C[..., 0], D)
             return y[..., None].to(u.dtype), state
         return selective_scan_sequential(u, delta, A, B, C, D, initial_state)
     if initial_state is None:
-        kernel = fused_kernel("selective_scan_fn", u, enabled=use_kernels)
+        kernel = fused_kernel("selective_scan_fn", u, use_fused_kernels=use_fused_kernels)
         if kernel is not None:
             y, final = kernel(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
                               C.contiguous(), D, return_last_state=True)

@@ -34,15 +34,16 @@ def short_conv(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     activation: str | None,
+    *,
     history: torch.Tensor | None = None,
-    use_kernels: bool = True,
+    use_fused_kernels: bool = True,
 ) -> torch.Tensor:
     """Causal conv of x [B, D, T] continuing after ``history`` [B, D, L] (the cached last inputs, or None).
 
     Returns the T new outputs. With a cache, the caller keeps ``history`` up to date (see ``hf_memory.cache``).
     """
     if history is None:
-        kernel = fused_kernel("causal_conv1d_fn", x, weight, enabled=use_kernels)
+        kernel = fused_kernel("causal_conv1d_fn", x, weight, use_fused_kernels=use_fused_kernels)
         if kernel is not None:
             return kernel(x.contiguous(), weight, bias, activation=activation)
         return causal_conv1d_reference(x, weight, bias, activation)

@@ -156,8 +156,9 @@ def ssd(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    *,
     chunk_size: int = 64,
-    use_kernels: bool = True,
+    use_fused_kernels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatching entry point: fused kernel on CUDA when available, else the PyTorch references.
 
@@ -172,7 +173,7 @@ def ssd(
     if length == 1:
         kernel = None
         if not needs_grad(*tensors):
-            kernel = fused_kernel("selective_state_update", *tensors, enabled=use_kernels)
+            kernel = fused_kernel("selective_state_update", *tensors, use_fused_kernels=use_fused_kernels)
         if kernel is not None:
             state_size = B.shape[-1]
             if initial_state is None:
@@ -190,7 +191,7 @@ def ssd(
             )
             return y[:, None].to(x.dtype), state
         return ssd_recurrent(x, dt, A, B, C, D, initial_state)
-    kernel = fused_kernel("mamba_chunk_scan_combined", *tensors, enabled=use_kernels)
+    kernel = fused_kernel("mamba_chunk_scan_combined", *tensors, use_fused_kernels=use_fused_kernels)
     if kernel is not None:
         state = None if initial_state is None else initial_state.float().contiguous()
         y, final_state = kernel(

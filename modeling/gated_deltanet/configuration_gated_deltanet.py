@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
-
-from hf_memory.configuration_utils import require, require_layer_types, require_positive
+from hf_memory.configuration_utils import (
+    HFMemoryConfig,
+    require,
+    require_attention,
+    require_common,
+    require_layer_types,
+    require_positive,
+    require_rope,
+    strict_config,
+)
 
 LAYER_TYPES = ("linear_attention", "sliding_attention", "full_attention")
 
 
-@strict
-class GatedDeltaNetConfig(PreTrainedConfig):
+@strict_config
+class GatedDeltaNetConfig(HFMemoryConfig):
     r"""
-    Gated DeltaNet language model, pure or hybrid.
+    Gated DeltaNet language model, pure or hybrid (the paper's H1: Gated DeltaNet alternating with sliding-window
+    attention). Names follow transformers' Qwen3-Next: ``linear_*`` fields size the Gated DeltaNet layers,
+    ``head_dim`` and the other attention fields size the softmax-attention layers.
 
-    ``layer_types`` lists the token mixer of each layer: ``"linear_attention"`` (a Gated DeltaNet layer),
-    ``"sliding_attention"`` (softmax attention over the last ``sliding_window`` tokens, with RoPE) or
-    ``"full_attention"``. The paper's H1 hybrid alternates Gated DeltaNet and sliding-window attention.
-
-    Gated DeltaNet layers: ``num_heads`` query/key heads of size ``head_dim``; ``num_v_heads`` value heads
-    (defaults to ``num_heads``; a multiple of it, each key head then serves several value heads) of size
-    ``head_dim * expand_v``; short causal convs of width ``conv_size``; ``allow_neg_eigval`` doubles beta so
-    the transition's eigenvalues may be negative; ``chunk_size`` is the chunk of the chunkwise training form.
-    ``use_fused_kernels=False`` forces the PyTorch references even on CUDA.
-
-    Attention layers: ``num_attention_heads``, ``num_key_value_heads`` (GQA), ``attention_head_dim``,
-    ``rope_theta``.
+    Args:
+        layer_types (`list[str]`, defaults to all `"linear_attention"`): the token mixer of each layer:
+            `"linear_attention"` (Gated DeltaNet), `"sliding_attention"` (the last `sliding_window` tokens, RoPE)
+            or `"full_attention"`.
+        linear_num_key_heads (`int`, defaults to 6): query/key heads of a Gated DeltaNet layer.
+        linear_num_value_heads (`int`, defaults to `linear_num_key_heads`): value heads, a multiple of the key
+            heads (each key head then serves several value heads).
+        linear_key_head_dim (`int`, defaults to 256): d_k, the key (and query) head size.
+        linear_value_head_dim (`int`, defaults to 512): d_v, the value head size (the paper's expand_v = 2).
+        linear_conv_kernel_dim (`int`, defaults to 4): width of the short causal convs on q, k, v.
+        linear_chunk_size (`int`, defaults to 64): chunk of the chunkwise (WY) training form.
+        allow_neg_eigval (`bool`, defaults to False): beta x 2, so the transition's eigenvalues may be negative.
+        num_attention_heads, num_key_value_heads, head_dim, sliding_window, rope_parameters: the attention layers.
+        use_fused_kernels (`bool`, defaults to True): False forces the PyTorch references even on CUDA.
     """
 
     model_type = "hfm_gated_deltanet"
+    layer_type_choices = LAYER_TYPES
     keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 32000
@@ -40,20 +51,20 @@ class GatedDeltaNetConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     layer_types: list[str] | None = None
     # Gated DeltaNet layers
-    num_heads: int = 6
-    num_v_heads: int | None = None
-    head_dim: int = 256
-    expand_v: float = 2.0
-    conv_size: int = 4
+    linear_num_key_heads: int = 6
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int = 256
+    linear_value_head_dim: int = 512
+    linear_conv_kernel_dim: int = 4
+    linear_chunk_size: int = 64
     allow_neg_eigval: bool = False
-    chunk_size: int = 64
     use_fused_kernels: bool = True
     # attention layers (hybrids)
     num_attention_heads: int = 16
     num_key_value_heads: int | None = None
-    attention_head_dim: int | None = None
+    head_dim: int | None = None
     sliding_window: int | None = None
-    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
     max_position_embeddings: int = 2048
@@ -65,42 +76,27 @@ class GatedDeltaNetConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
-    def __post_init__(self, **kwargs):
-        if self.layer_types is None:
-            self.layer_types = ["linear_attention"] * self.num_hidden_layers
-        if self.num_v_heads is None:
-            self.num_v_heads = self.num_heads
-        if self.intermediate_size is None:  # SwiGLU with 4x hidden, 2/3 of it, rounded up to 256
+    def fill_defaults(self) -> None:
+        super().fill_defaults()
+        if self.linear_num_value_heads is None:
+            self.linear_num_value_heads = self.linear_num_key_heads
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):  # SwiGLU 8/3 x, rounded up to 256
             self.intermediate_size = 256 * ((int(self.hidden_size * 4 * 2 / 3) + 255) // 256)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.attention_head_dim is None:
-            self.attention_head_dim = self.hidden_size // self.num_attention_heads
-        super().__post_init__(**kwargs)
-        self.check()
 
-    @property
-    def value_head_dim(self) -> int:
-        return int(self.head_dim * self.expand_v)
-
-    def check(self) -> None:
+    def validate_architecture(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        require_positive(
-            self, "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_heads", "num_v_heads",
-            "head_dim", "conv_size", "chunk_size", "num_attention_heads", "num_key_value_heads", "attention_head_dim",
-        )
+        require_common(self)
+        require_attention(self)
+        require_rope(self)
+        require_positive(self, "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim", "linear_chunk_size")
         require_layer_types(self, LAYER_TYPES)
-        require(self.num_v_heads % self.num_heads == 0, "num_v_heads",
-                f"must be a multiple of num_heads ({self.num_heads}), got {self.num_v_heads}")
-        require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(), "expand_v",
-                f"head_dim * expand_v must be a positive integer, got {self.head_dim} * {self.expand_v}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                f"must divide num_attention_heads ({self.num_attention_heads}), got {self.num_key_value_heads}")
-        require(self.attention_head_dim % 2 == 0, "attention_head_dim", "must be even for RoPE")
+        require(self.linear_num_value_heads % self.linear_num_key_heads == 0, "linear_num_value_heads",
+                f"must be a multiple of linear_num_key_heads ({self.linear_num_key_heads}), "
+                f"got {self.linear_num_value_heads}")
         if "sliding_attention" in self.layer_types:
             require(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
                     "sliding_attention layers need a positive sliding_window")
-        require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
 
 
 __all__ = ["GatedDeltaNetConfig"]

@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from hf_memory.cache import recurrent_state, store_recurrent_state
-from hf_memory.layers.attention import Attention, RotaryEmbedding
-from hf_memory.layers.mlp import GatedMLP
-from hf_memory.layers.norms import GatedRMSNorm, RMSNorm
-from hf_memory.modeling_utils import HFMemoryPreTrainedModel, inverse_softplus_dt, padding_mask, positions_from_mask
+from hf_memory.layers.attention import Attention
+from hf_memory.layers.norms import GatedRMSNorm
+from hf_memory.modeling_utils import (
+    HFMemoryForCausalLM,
+    HFMemoryModel,
+    HFMemoryPreTrainedModel,
+    MemoryDecoderLayer,
+    inverse_softplus_dt,
+    padding_mask,
+)
 from hf_memory.ops.gated_delta import gated_delta_rule
 from hf_memory.ops.short_conv import short_conv
 
@@ -50,12 +51,12 @@ class GatedDeltaNetMixer(nn.Module):
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_v_heads = config.num_heads, config.num_v_heads
-        self.head_k_dim, self.head_v_dim = config.head_dim, config.value_head_dim
+        self.num_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.key_dim = self.num_heads * self.head_k_dim
         self.value_dim = self.num_v_heads * self.head_v_dim
-        self.conv_size = config.conv_size
-        self.chunk_size = config.chunk_size
+        self.conv_size = config.linear_conv_kernel_dim
+        self.chunk_size = config.linear_chunk_size
         self.allow_neg_eigval = config.allow_neg_eigval
         self.use_fused_kernels = config.use_fused_kernels
         hidden = config.hidden_size
@@ -85,9 +86,7 @@ class GatedDeltaNetMixer(nn.Module):
         log_alpha = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         return log_alpha, beta
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         batch, length, _ = hidden_states.shape
         mask = padding_mask(attention_mask, length)
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
@@ -95,7 +94,8 @@ class GatedDeltaNetMixer(nn.Module):
 
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)  # [B, D, T]
         conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
-        mixed = short_conv(qkv, conv_weight, None, "silu", conv_history, self.use_fused_kernels).transpose(1, 2)
+        mixed = short_conv(qkv, conv_weight, None, "silu", history=conv_history,
+                           use_fused_kernels=self.use_fused_kernels).transpose(1, 2)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(batch, length, self.num_heads, self.head_k_dim))
         k = l2_normalize(k.reshape(batch, length, self.num_heads, self.head_k_dim))
@@ -106,50 +106,27 @@ class GatedDeltaNetMixer(nn.Module):
             log_alpha = log_alpha * mask[..., None]
             beta = beta * mask[..., None]
 
-        o, state = gated_delta_rule(q, k, v, log_alpha, beta, state, self.chunk_size, self.use_fused_kernels)
+        o, state = gated_delta_rule(q, k, v, log_alpha, beta, state, chunk_size=self.chunk_size,
+                                    use_fused_kernels=self.use_fused_kernels)
         store_recurrent_state(cache, self.layer_idx, qkv, state, self.conv_size)
 
         gate = self.g_proj(x).reshape(batch, length, self.num_v_heads, self.head_v_dim)
         o = self.o_norm(o.to(x.dtype), gate).reshape(batch, length, self.value_dim)
-        return self.o_proj(o)
+        return self.o_proj(o), None
 
 
-class GatedDeltaNetDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). The mixer follows ``layer_types``."""
+class GatedDeltaNetDecoderLayer(MemoryDecoderLayer):
+    """Pre-norm block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), the mixer following ``layer_types``."""
 
-    def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
-        super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
-        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if self.layer_type == "linear_attention":
-            self.mixer = GatedDeltaNetMixer(config, layer_idx)
-        else:
-            window = config.sliding_window if self.layer_type == "sliding_attention" else None
-            self.mixer = Attention(config, layer_idx, sliding_window=window)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        mixed = self.mixer_norm(hidden_states)
-        if self.layer_type == "linear_attention":
-            mixed = self.mixer(mixed, attention_mask=attention_mask, cache=cache)
-        else:
-            mixed = self.mixer(mixed, attention_mask, position_embeddings, cache=cache, **kwargs)
-        hidden_states = hidden_states + mixed
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+    names = ("mixer_norm", "mixer", "mlp_norm", "mlp")
 
 
 class GatedDeltaNetPreTrainedModel(HFMemoryPreTrainedModel):
     config: GatedDeltaNetConfig
     config_class = GatedDeltaNetConfig
     model_card = "gated_deltanet"
+    mixers = {"linear_attention": GatedDeltaNetMixer, "sliding_attention": Attention, "full_attention": Attention}
+    decoder_layer = GatedDeltaNetDecoderLayer
     _no_split_modules = ["GatedDeltaNetDecoderLayer"]
 
     def _init_weights(self, module):
@@ -160,116 +137,14 @@ class GatedDeltaNetPreTrainedModel(HFMemoryPreTrainedModel):
             init.copy_(module.dt_bias, inverse_softplus_dt(module.num_v_heads, dt_min=1e-3, dt_max=0.1))
 
 
-class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel):
+class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel, HFMemoryModel):
     """Embeddings, the stack of ``layer_types`` blocks, final RMSNorm."""
 
-    def __init__(self, config: GatedDeltaNetConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(GatedDeltaNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.has_attention = any(t != "linear_attention" for t in config.layer_types)
-        self.rotary_emb = RotaryEmbedding(config.attention_head_dim, config.rope_theta) if self.has_attention else None
-        self.gradient_checkpointing = False
-        self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def _masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
-        masks = {"linear_attention": attention_mask}
-        if self.has_attention:
-            kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          cache=cache, position_ids=position_ids)
-            if "full_attention" in self.config.layer_types:
-                masks["full_attention"] = create_causal_mask(**kwargs)
-            if "sliding_attention" in self.config.layer_types:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        inputs_embeds, cache = self._embed_and_cache(input_ids, inputs_embeds, attention_mask, cache, use_cache)
-
-        position_embeddings = None
-        if self.has_attention:
-            if position_ids is None:
-                past = cache.get_seq_length() if cache is not None else 0
-                position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1], past, inputs_embeds.device)
-            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
-
-        hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks[layer.layer_type],
-                position_embeddings=position_embeddings,
-                cache=cache,
-            )
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
-
-
-class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, GenerationMixin):
+class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, HFMemoryForCausalLM):
     """Gated DeltaNet with a language-modelling head."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GatedDeltaNetConfig):
-        super().__init__(config)
-        self.model = GatedDeltaNetModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        logits, loss = self._logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+    base_model_class = GatedDeltaNetModel
 
 
 AUTO_MAP = {"AutoModel": GatedDeltaNetModel, "AutoModelForCausalLM": GatedDeltaNetForCausalLM}

@@ -10,41 +10,34 @@ segments with its un-rotated query (A_mem, eq. 3), and a learned per-head gate m
 After a segment is read, its un-rotated keys and values are written into the memory (eq. 4 linear, eq. 5
 delta). The memory math is ``hf_memory.ops.compressive_memory``; this file is the layer and the model.
 
-Segments are counted per row over real tokens, so a left-padded row is segmented exactly like the same
-row without pads: rows are reordered real-tokens-first, processed, and put back.
+Segments are counted per row over real tokens (``hf_memory.segments``), so a left-padded row is segmented
+exactly like the same row without pads.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_memory.cache import SegmentMemoryLayer  # importing it registers the "infini_attention" cache layer type
-from hf_memory.layers.attention import RotaryEmbedding, apply_rotary
-from hf_memory.layers.mlp import GatedMLP
-from hf_memory.layers.norms import RMSNorm
-from hf_memory.modeling_utils import HFMemoryPreTrainedModel
+from hf_memory.cache import SegmentCacheLayer, segment_state, store_segment_state
+from hf_memory.layers.attention import apply_rotary, eager_attention
+from hf_memory.modeling_utils import HFMemoryForCausalLM, HFMemoryModel, HFMemoryPreTrainedModel, MemoryDecoderLayer
 from hf_memory.ops.compressive_memory import empty_memory, read_memory, write_memory
+from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment
 
 from .configuration_infini_attention import InfiniAttentionConfig
 
 
-def local_attention(q, k, v, allowed: torch.Tensor, scaling: float, implementation: str = "eager") -> torch.Tensor:
-    """softmax(q k^T * scaling) v over the ``allowed`` [B, 1, Tq, Tk] pairs; q [B, H, Tq, d], k/v [B, H_kv, Tk, d].
-    ``implementation`` follows ``config._attn_implementation``: "sdpa" uses torch's fused kernel."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if implementation == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return (weights @ v.float()).to(q.dtype)
+class InfiniAttentionCacheLayer(SegmentCacheLayer):
+    """Cache of one Infini-attention layer (``layer_types`` entry ``"infini_attention"``): per row the
+    compressive memory M [H_kv, d_k, d_v] and normaliser z [H_kv, d_k] (fp32), and the unfinished segment's
+    rotated keys, un-rotated keys and values (at most ``segment_size`` tokens). When a row's segment fills it
+    is folded into M, z and emptied."""
+
+    _layer_type = "infini_attention"
+    state_names = ("memory", "norm", "keys", "raw_keys", "values")
 
 
 class InfiniAttention(nn.Module):
@@ -56,8 +49,11 @@ class InfiniAttention(nn.Module):
         self.config = config  # its _attn_implementation picks the local attention kernel
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.attention_head_dim
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # read by transformers' kernels
+        self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.attention_dropout = config.attention_dropout
         self.segment_size = config.segment_size
         self.update_rule, self.eps = config.memory_update, config.memory_eps
         self.use_memory, self.detach_every = config.use_memory, config.memory_detach_every
@@ -71,16 +67,28 @@ class InfiniAttention(nn.Module):
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
 
+    def _local(self, q, k, v, allowed: torch.Tensor):
+        """A_dot: softmax attention over the ``allowed`` [B, 1, Tq, Tk] pairs of the segment, through
+        transformers' attention interface; returns ([B, H, Tq, d], weights or None)."""
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, weights = attend(self, q, k, v, mask, scaling=self.scaling,
+                              dropout=self.attention_dropout if self.training else 0.0)
+        return out.transpose(1, 2), weights
+
     def _mix(self, local: torch.Tensor, q: torch.Tensor, memory, norm) -> torch.Tensor:
         """Eq. 6: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot (A_dot alone with the memory off)."""
         if not self.use_memory:
             return local
         gate = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
-        retrieved = read_memory(q, memory, norm, self.eps, self.config.use_fused_kernels)
-        mixed = gate * retrieved.float() + (1 - gate) * local.float()
-        return mixed.to(local.dtype)
+        retrieved = read_memory(q, memory, norm, self.eps, use_fused_kernels=self.config.use_fused_kernels)
+        return (gate * retrieved.float() + (1 - gate) * local.float()).to(local.dtype)
 
-    def forward(self, hidden_states, rotary: RotaryEmbedding, attention_mask=None, cache: Cache | None = None):
+    def _write(self, memory, norm, k, v, complete):
+        return write_memory(memory, norm, k, v, complete, self.update_rule, self.eps,
+                            use_fused_kernels=self.config.use_fused_kernels)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         batch, length, _ = hidden_states.shape
         keep = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
         if attention_mask is not None:
@@ -88,109 +96,86 @@ class InfiniAttention(nn.Module):
         q = self._heads(self.q_proj(hidden_states), self.num_heads)
         k = self._heads(self.k_proj(hidden_states), self.num_kv_heads)
         v = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        if layer is not None and layer.is_initialized:
-            out = self._continue(q, k, v, keep, layer, rotary)
-        else:
-            out = self._prefill(q, k, v, keep, layer, rotary)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        layer = segment_state(cache, self.layer_idx)
+        step = self._continue if layer is not None else self._prefill
+        out, weights = step(q, k, v, keep, position_embeddings, cache)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), weights
 
-    def _prefill(self, q, k, v, keep, layer, rotary):
+    def _prefill(self, q, k, v, keep, position_embeddings, cache):
         """A whole sequence from an empty memory, segment by segment over each row's real tokens."""
-        batch, _, length, _ = q.shape
-        order = torch.argsort((~keep).int(), dim=1, stable=True)  # real tokens first, in their order
-        real = keep.sum(1)  # [B]
-        pad = (-length) % self.segment_size
-        take = lambda x: F.pad(x.gather(2, order[:, None, :, None].expand_as(x)), (0, 0, 0, pad))  # noqa: E731
-        q_raw, k_raw, v = take(q), take(k), take(v)
-        positions = torch.arange(length + pad, device=q.device).expand(batch, -1)
-        cos, sin = rotary(q_raw, positions)
+        n, real, order = self.segment_size, keep.sum(1), real_first(keep)
+        cos, sin = (to_segments(x.expand(len(keep), -1, -1)[:, None], order, n)[:, 0] for x in position_embeddings)
+        q_raw, k_raw, v = to_segments(q, order, n), to_segments(k, order, n), to_segments(v, order, n)
         q_rot, k_rot = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
 
         memory, norm = empty_memory(k_raw, v)
-        outputs, n = [], self.segment_size
+        outputs, maps = [], []
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        for index, start in enumerate(range(0, length + pad, n)):
+        for index, start in enumerate(range(0, q_raw.shape[2], n)):
             segment = slice(start, start + n)
             valid = torch.arange(start, start + n, device=q.device)[None, :] < real[:, None]  # [B, n]
             allowed = (causal & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)
-            local = local_attention(q_rot[:, :, segment], k_rot[:, :, segment], v[:, :, segment],
-                                    allowed[:, None], self.scaling, self.config._attn_implementation)
+            local, weights = self._local(q_rot[:, :, segment], k_rot[:, :, segment], v[:, :, segment], allowed[:, None])
             outputs.append(self._mix(local, q_raw[:, :, segment], memory, norm))
+            maps.append(weights)
             complete = (real >= start + n)[:, None].expand(-1, n)  # a row's segment is written once it is full
-            memory, norm = write_memory(memory, norm, k_raw[:, :, segment], v[:, :, segment], complete,
-                                        self.update_rule, self.eps, self.config.use_fused_kernels)
+            memory, norm = self._write(memory, norm, k_raw[:, :, segment], v[:, :, segment], complete)
             if self.detach_every and (index + 1) % self.detach_every == 0:
                 memory, norm = memory.detach(), norm.detach()
-        out = torch.cat(outputs, dim=2)[:, :, :length]
-        if layer is not None:
-            self._store_partial_segment(layer, memory, norm, k_rot, k_raw, v, real, length)
-        return torch.empty_like(out).scatter_(2, order[:, None, :, None].expand_as(out), out)
+        store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=unfinished_segment(k_rot, real, n),
+                            raw_keys=unfinished_segment(k_raw, real, n), values=unfinished_segment(v, real, n),
+                            count=real % n, processed=keep.shape[1])
+        weights = None if maps[0] is None else from_segments(torch.cat(maps, dim=2), order)
+        return from_segments(torch.cat(outputs, dim=2), order), weights
 
-    def _store_partial_segment(self, layer: SegmentMemoryLayer, memory, norm, k_rot, k_raw, v, real, length):
-        """Keep each row's unfinished last segment (its KV) for decoding; finished ones are already in memory."""
-        n = self.segment_size
-        first = (real // n * n)[:, None] + torch.arange(n, device=real.device)[None, :]  # [B, n] token indices
-        first = first.clamp(max=k_rot.shape[2] - 1)[:, None, :, None]
-        gather = lambda x: x.gather(2, first.expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
-        layer.store(memory, norm, gather(k_rot), gather(k_raw), gather(v), real % n, real.clone(), length)
-
-    def _continue(self, q, k, v, keep, layer: SegmentMemoryLayer, rotary):
+    def _continue(self, q, k, v, keep, position_embeddings, cache):
         """New tokens after a cached prefix, one at a time: append to the row's segment, attend over it, read
         the memory; a row whose segment fills folds it into the memory and starts an empty one."""
-        n, outputs = self.segment_size, []
+        layer, n, outputs, maps = segment_state(cache, self.layer_idx), self.segment_size, [], []
         rows = torch.arange(q.shape[0], device=q.device)
         for t in range(q.shape[2]):
             live = keep[:, t]  # [B]; a pad token changes nothing
-            cos, sin = rotary(q, layer.seen[:, None])
+            cos, sin = (x[:, t : t + 1] for x in position_embeddings)
             q_t, k_t = q[:, :, t : t + 1], k[:, :, t : t + 1]
             keys, raw_keys, values = layer.keys, layer.raw_keys, layer.values
             if torch.is_grad_enabled():  # written in place when decoding; copied when autograd may need them
                 keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()
             slot = layer.count.clamp(max=n - 1)
-            keys[rows, :, slot] = torch.where(live[:, None, None], apply_rotary(k_t, cos, sin)[:, :, 0],
-                                              keys[rows, :, slot])
-            raw_keys[rows, :, slot] = torch.where(live[:, None, None], k_t[:, :, 0], raw_keys[rows, :, slot])
-            values[rows, :, slot] = torch.where(live[:, None, None], v[:, :, t], values[rows, :, slot])
+            for buffer, new in ((keys, apply_rotary(k_t, cos, sin)[:, :, 0]), (raw_keys, k_t[:, :, 0]),
+                                (values, v[:, :, t])):
+                buffer[rows, :, slot] = torch.where(live[:, None, None], new, buffer[rows, :, slot])
             allowed = (torch.arange(n, device=q.device)[None, :] <= slot[:, None])[:, None, None, :]
-            local = local_attention(apply_rotary(q_t, cos, sin), keys, values, allowed, self.scaling,
-                                    self.config._attn_implementation)
+            local, weights = self._local(apply_rotary(q_t, cos, sin), keys, values, allowed)
             outputs.append(self._mix(local, q_t, layer.memory, layer.norm))
+            maps.append(weights)
 
             count = layer.count + live.long()
             filled = count == n
             memory, norm = layer.memory, layer.norm
             if bool(filled.any()):  # a segment is written once, when it fills
-                memory, norm = write_memory(memory, norm, raw_keys, values, filled[:, None].expand(-1, n),
-                                            self.update_rule, self.eps, self.config.use_fused_kernels)
-            layer.store(memory, norm, keys, raw_keys, values, torch.where(filled, 0, count),
-                        layer.seen + live.long(), layer.processed + 1)
-        return torch.cat(outputs, dim=2)
+                memory, norm = self._write(memory, norm, raw_keys, values, filled[:, None].expand(-1, n))
+            store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=keys, raw_keys=raw_keys,
+                                values=values, count=torch.where(filled, 0, count), processed=layer.processed + 1)
+        return torch.cat(outputs, dim=2), None if maps[0] is None else torch.cat(maps, dim=2)
 
 
-class InfiniAttentionDecoderLayer(GradientCheckpointingLayer):
-    """Llama block with Infini-attention: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
+class InfiniAttentionDecoderLayer(MemoryDecoderLayer):
+    """Llama block with Infini-attention: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), Llama's names."""
 
-    def __init__(self, config: InfiniAttentionConfig, layer_idx: int):
-        super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = InfiniAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(self, hidden_states, rotary, attention_mask=None, cache: Cache | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary,
-                                                       attention_mask, cache)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 class InfiniAttentionPreTrainedModel(HFMemoryPreTrainedModel):
     config: InfiniAttentionConfig
     config_class = InfiniAttentionConfig
     model_card = "infini_attention"
+    mixers = {"infini_attention": InfiniAttention}
+    decoder_layer = InfiniAttentionDecoderLayer
+    rope_layer_types = frozenset({"infini_attention"})
     _no_split_modules = ["InfiniAttentionDecoderLayer"]
-    _supports_flash_attn = False  # segment masks are built here; eager and sdpa only
+    _can_record_outputs = {"hidden_states": MemoryDecoderLayer, "attentions": InfiniAttention}
+    _supports_flash_attn = False  # segment masks are built here: eager and sdpa
+    _supports_flex_attn = False
 
     def memory_parameter_groups(self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list:
         """Optimizer parameter groups: the memory gates (beta of eq. 6) with their own learning rate and no
@@ -207,85 +192,14 @@ class InfiniAttentionPreTrainedModel(HFMemoryPreTrainedModel):
             init.constant_(module.memory_gate, self.config.memory_gate_init)
 
 
-class InfiniAttentionModel(InfiniAttentionPreTrainedModel):
+class InfiniAttentionModel(InfiniAttentionPreTrainedModel, HFMemoryModel):
     """Embeddings, Infini-attention blocks, final RMSNorm."""
 
-    def __init__(self, config: InfiniAttentionConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(InfiniAttentionDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.attention_head_dim, config.rope_theta)
-        self.gradient_checkpointing = False
-        self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        inputs_embeds, cache = self._embed_and_cache(input_ids, inputs_embeds, attention_mask, cache, use_cache)
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("Infini-attention takes a 2-D [batch, sequence] attention_mask (it builds its own masks)")
-        hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, self.rotary_emb, attention_mask=attention_mask, cache=cache)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=cache,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
-
-
-class InfiniAttentionForCausalLM(InfiniAttentionPreTrainedModel, GenerationMixin):
+class InfiniAttentionForCausalLM(InfiniAttentionPreTrainedModel, HFMemoryForCausalLM):
     """Infini-attention with a language-modelling head."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: InfiniAttentionConfig):
-        super().__init__(config)
-        self.model = InfiniAttentionModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-        )
-        logits, loss = self._logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states)
+    base_model_class = InfiniAttentionModel
 
 
 AUTO_MAP = {"AutoModel": InfiniAttentionModel, "AutoModelForCausalLM": InfiniAttentionForCausalLM}

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import math
 
-from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
-
-from hf_memory.configuration_utils import require, require_layer_types, require_positive
+from hf_memory.configuration_utils import (
+    HFMemoryConfig,
+    require,
+    require_attention,
+    require_common,
+    require_finite,
+    require_layer_types,
+    require_positive,
+    strict_config,
+)
 
 MIXER_TYPES = ("linear_attention", "full_attention")
 FFN_TYPES = ("dense", "sparse")
 
 
-@strict
-class JambaHybridConfig(PreTrainedConfig):
+@strict_config
+class JambaHybridConfig(HFMemoryConfig):
     r"""
     A stack of blocks ``x += Mixer(RMSNorm(x)); x += FFN(RMSNorm(x))``.
 
@@ -28,9 +34,14 @@ class JambaHybridConfig(PreTrainedConfig):
     ``num_experts_per_tok``, weights not renormalised) or ``"dense"`` (SwiGLU); unless given, layer i is sparse
     when ``i % expert_layer_period == expert_layer_offset`` (paper: 2, 1; 16 experts, top-2).
     ``output_router_logits`` adds ``router_aux_loss_coef`` x the load-balancing loss (pads excluded).
+
+    Attention: ``num_attention_heads``, ``num_key_value_heads`` (GQA), ``head_dim``; no positional encoding.
+    Mamba layers: the ``mamba_*`` fields (transformers' Jamba names); ``use_fused_kernels=False`` forces the
+    PyTorch references even on CUDA.
     """
 
     model_type = "hfm_jamba"
+    layer_type_choices = MIXER_TYPES
     keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 65536
@@ -48,7 +59,7 @@ class JambaHybridConfig(PreTrainedConfig):
     # attention
     num_attention_heads: int = 32
     num_key_value_heads: int | None = 8
-    attention_head_dim: int | None = None
+    head_dim: int | None = None
     attention_dropout: float = 0.0
     attention_bias: bool = False
     max_position_embeddings: int = 262144
@@ -78,30 +89,26 @@ class JambaHybridConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
-    def __post_init__(self, **kwargs):
+    def fill_defaults(self) -> None:
+        """Layers by period / offset (unless listed), and Mamba's dt_rank = ceil(hidden_size / 16)."""
         require(self.attn_layer_period > 0 and 0 <= self.attn_layer_offset < self.attn_layer_period,
                 "attn_layer_offset", f"must be in [0, attn_layer_period={self.attn_layer_period})")
         require(self.expert_layer_period > 0 and 0 <= self.expert_layer_offset < self.expert_layer_period,
                 "expert_layer_offset", f"must be in [0, expert_layer_period={self.expert_layer_period})")
+        layers = range(self.num_hidden_layers) if isinstance(self.num_hidden_layers, int) else ()
         if self.layer_types is None:
-            self.layer_types = [
-                "full_attention" if i % self.attn_layer_period == self.attn_layer_offset else "linear_attention"
-                for i in range(self.num_hidden_layers)
-            ]
+            self.layer_types = ["full_attention" if i % self.attn_layer_period == self.attn_layer_offset
+                                else "linear_attention" for i in layers]
         if self.mlp_layer_types is None:
-            self.mlp_layer_types = [
-                "sparse" if i % self.expert_layer_period == self.expert_layer_offset and self.num_experts > 1
-                else "dense"
-                for i in range(self.num_hidden_layers)
-            ]
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.attention_head_dim is None:
-            self.attention_head_dim = self.hidden_size // self.num_attention_heads
-        if self.mamba_dt_rank == "auto":
+            self.mlp_layer_types = ["sparse" if i % self.expert_layer_period == self.expert_layer_offset
+                                    and self.num_experts > 1 else "dense" for i in layers]
+        super().fill_defaults()
+        if self.mamba_dt_rank == "auto" and isinstance(self.hidden_size, int):
             self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
-        super().__post_init__(**kwargs)
-        self.check()
+
+    def validate_layer_type(self):
+        super().validate_layer_type()
+        require_layer_types(self, FFN_TYPES, field="mlp_layer_types")
 
     @property
     def mamba_intermediate_size(self) -> int:
@@ -111,23 +118,18 @@ class JambaHybridConfig(PreTrainedConfig):
     def mamba_num_heads(self) -> int:
         return self.mamba_intermediate_size // self.mamba_head_dim
 
-    def check(self) -> None:
+    def validate_architecture(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        require_positive(
-            self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "attention_head_dim", "num_experts", "num_experts_per_tok", "mamba_d_state",
-            "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_head_dim", "mamba_n_groups", "mamba_chunk_size",
-        )
-        require_layer_types(self, MIXER_TYPES)
-        require(isinstance(self.mlp_layer_types, (list, tuple)) and len(self.mlp_layer_types) == self.num_hidden_layers
-                and all(t in FFN_TYPES for t in self.mlp_layer_types), "mlp_layer_types",
-                f"must list {self.num_hidden_layers} entries from {list(FFN_TYPES)}, got {self.mlp_layer_types!r}")
+        require_common(self)
+        require_attention(self, rope=False)
+        require_positive(self, "num_experts", "num_experts_per_tok", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+                         "mamba_dt_rank", "mamba_head_dim", "mamba_n_groups", "mamba_chunk_size")
+        require_finite(self, "router_aux_loss_coef")
+        self.validate_layer_type()
         require(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
                 f"top-{self.num_experts_per_tok} of {self.num_experts} experts is impossible")
         require("sparse" not in self.mlp_layer_types or self.num_experts > 1, "num_experts",
                 "sparse (MoE) layers need at least 2 experts")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                f"must divide num_attention_heads ({self.num_attention_heads}), got {self.num_key_value_heads}")
         require(self.mamba_version in ("mamba1", "mamba2"), "mamba_version",
                 f"must be 'mamba1' or 'mamba2', got {self.mamba_version!r}")
         if self.mamba_version == "mamba2":
@@ -135,7 +137,6 @@ class JambaHybridConfig(PreTrainedConfig):
                     f"must divide mamba_expand * hidden_size = {self.mamba_intermediate_size}")
             require(self.mamba_num_heads % self.mamba_n_groups == 0, "mamba_n_groups",
                     f"must divide the number of Mamba-2 heads ({self.mamba_num_heads})")
-        require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
 
 
 __all__ = ["JambaHybridConfig"]
