@@ -16,39 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_PRESETS = [name for name in hf_memory.PRESETS if name.endswith("-tiny")]
 
 # Per architecture: config overrides that must be rejected, and the field the error must name.
-INVALID_CONFIGS = {
-    "gated_deltanet": [
-        ({"hidden_size": 0}, "hidden_size"),
-        ({"linear_num_value_heads": 3}, "linear_num_value_heads"),
-        ({"linear_value_head_dim": 0}, "linear_value_head_dim"),
-        ({"layer_types": ["linear_attention"]}, "layer_types"),
-        ({"layer_types": ["linear_attention", "mamba2"]}, "layer_types"),
-        ({"layer_types": ["linear_attention", "sliding_attention"], "sliding_window": None}, "sliding_window"),
-        ({"num_key_value_heads": 3}, "num_key_value_heads"),
-        ({"rope_theta": 0.0}, "rope_parameters"),
-        ({"chunk_size": 16}, "chunk_size"),
-    ],
-    "jamba": [
-        ({"attn_layer_offset": 4}, "attn_layer_offset"),
-        ({"expert_layer_period": 0}, "expert_layer_offset"),
-        ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
-        ({"mamba_version": "mamba3"}, "mamba_version"),
-        ({"mamba_version": "mamba2", "mamba_head_dim": 24}, "mamba_head_dim"),
-        ({"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types"),
-        ({"mlp_layer_types": ["dense"]}, "mlp_layer_types"),
-        ({"mamba_dt_rank": "big"}, "mamba_dt_rank"),
-    ],
-    "infini_attention": [
-        ({"segment_size": 0}, "segment_size"),
-        ({"memory_update": "hebbian"}, "memory_update"),
-        ({"memory_detach_every": 0}, "memory_detach_every"),
-        ({"num_key_value_heads": 3}, "num_key_value_heads"),
-        ({"layer_types": ["infini_attention", "full_attention"]}, "layer_types"),
-        ({"memory_eps": 0.0}, "memory_eps"),
-        ({"memory_gate_init": float("nan")}, "memory_gate_init"),
-        ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}, "rope_parameters"),
-    ],
-}
+INVALID_CONFIGS = {name: architecture.invalid_configs for name, architecture in hf_memory.ARCHITECTURES.items()}
 
 
 def tiny_config(name: str, **overrides):

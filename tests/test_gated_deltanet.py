@@ -198,3 +198,9 @@ def test_paper_presets_have_the_published_parameter_counts():
             model = AutoModelForCausalLM.from_config(hf_memory.get_config(name))
         count = sum(p.numel() for p in model.parameters())
         assert low <= count <= high, (name, count)
+
+
+def test_head_dim_of_the_h1_preset_is_its_attention_head_size_not_the_key_size():
+    config = hf_memory.get_config("gated-deltanet-h1-1.3b")
+    assert config.head_dim == config.hidden_size // config.num_attention_heads == 128
+    assert config.linear_key_head_dim == 256

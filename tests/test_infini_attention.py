@@ -3,6 +3,7 @@ gradients, gate parameter groups, and conversion from transformers' LlamaForCaus
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build, random_ids
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -56,22 +57,28 @@ def test_memory_gates_get_their_own_learning_rate_and_no_weight_decay():
     torch.optim.AdamW(groups).step()  # the groups are accepted as they are
 
 
-def test_convert_from_llama_matches_the_source_within_the_first_segment(tmp_path):
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["default-rope", "llama3-rope"])
+def test_convert_from_llama_matches_the_source_within_the_first_segment(tmp_path, rope):
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager",
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager", rope_parameters=rope,
     )).eval()
     llama.save_pretrained(tmp_path / "llama")
     assert cli.main(["convert", "--from", "llama", str(tmp_path / "llama"), str(tmp_path / "infini"),
-                     "--set", "segment_size=8"]) == 0
+                     "--set", "segment_size=16"]) == 0
     infini = AutoModelForCausalLM.from_pretrained(tmp_path / "infini", attn_implementation="eager").eval()
-    assert infini.config.model_type == "hfm_infini_attention" and infini.config.segment_size == 8
-    ids = random_ids(infini.config, 2, 20)
+    assert infini.config.model_type == "hfm_infini_attention" and infini.config.segment_size == 16
+    assert infini.config.rope_parameters == llama.config.rope_parameters
+    ids = random_ids(infini.config, 2, 30)
     with torch.no_grad():
         expected, actual = llama(ids).logits, infini(ids).logits
-    assert (expected[:, :8] - actual[:, :8]).abs().max().item() <= 1e-4
-    assert (expected[:, 8:] - actual[:, 8:]).abs().max().item() > 1e-3  # local attention + memory from here on
+    assert (expected[:, :16] - actual[:, :16]).abs().max().item() <= 1e-4
+    assert (expected[:, 16:] - actual[:, 16:]).abs().max().item() > 1e-3  # local attention + memory from here on
 
 
 def test_passkey_task_puts_the_needle_in_an_earlier_segment_and_asks_at_the_end():
