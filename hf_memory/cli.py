@@ -242,9 +242,19 @@ def add_convert_parser(commands) -> None:
 def add_writing_options(command) -> None:
     command.add_argument("--force", action="store_true",
                          help="write into a non-empty folder: overwrite the files written, keep every other file")
-    command.add_argument("--license", default=None, metavar="ID",
+    command.add_argument("--license", default=None, metavar="ID", type=license_id,
                          help="Hub licence id for the model card, e.g. mit or apache-2.0 (default: none declared)")
     add_debug_option(command)
+
+
+def license_id(value: str) -> str:
+    """``--license``: checked when the command line is read, so a typo fails before any training or loading."""
+    from hf_memory.export import card_license
+
+    try:
+        return card_license(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_debug_option(command, default=argparse.SUPPRESS) -> None:

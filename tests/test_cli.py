@@ -104,6 +104,16 @@ def test_demo_with_force_keeps_other_files_and_writes_a_synthetic_task_card(tmp_
     assert "Training not recorded" not in card.text
 
 
+def test_a_bad_license_is_refused_when_the_command_line_is_read(tmp_path, capsys, monkeypatch):
+    import hf_memory.tasks
+
+    monkeypatch.setattr(hf_memory.tasks, "train_recall", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", "--output", str(tmp_path / "out"), "--license", "MIT License"])
+    assert exit.value.code == 2
+    assert "argument --license: license 'MIT License' is not a Hub licence id" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- sources
 @pytest.mark.parametrize("argv, found, expected", [
     (["--from", "jamba", "llama"], "'llama' checkpoint", "--from jamba expects model_type 'jamba'"),
