@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import os
 import shutil
@@ -56,8 +57,7 @@ def demo(args: argparse.Namespace) -> int:
           f"query key {example[0, -1].item() - FIRST_KEY} -> generated value "
           f"{generated[0, -1].item() - spec.first_value} (expected {answer - spec.first_value})")
 
-    card = demo_card(args, spec, after)
-    save = lambda folder: model.save_pretrained(folder, license=args.license, **card)  # noqa: E731
+    save = functools.partial(model.save_pretrained, license=args.license, **demo_card(args, spec, after))
     write_folder(args.output, args.force, save, "--output")
     print(f"wrote a Hub-ready folder to {args.output}/ (weights, config with auto_map, modeling code, model card); "
           f"load it with AutoModelForCausalLM.from_pretrained({args.output!r}, trust_remote_code=True)")
