@@ -13,6 +13,7 @@ import re
 import torch
 from transformers import JambaConfig, JambaForCausalLM
 
+from hf_memory.conversion import check_source, load_source, refuse_unmapped
 from hf_memory.modeling.jamba.configuration_jamba import JambaHybridConfig
 from hf_memory.modeling.jamba.modeling_jamba import JambaHybridForCausalLM
 
@@ -65,9 +66,11 @@ def rename_to_jamba(state_dict: dict[str, torch.Tensor], config: JambaHybridConf
 
 def convert_from_jamba(source: str, destination: str, dtype: torch.dtype | None = None) -> JambaHybridForCausalLM:
     """Read a transformers ``JambaForCausalLM`` folder, write an hf-memory (Hub-ready) folder."""
-    jamba = JambaForCausalLM.from_pretrained(source, dtype=dtype)
+    check_source(source, "from", "jamba")
+    jamba = load_source(JambaForCausalLM, source, dtype=dtype)
     model = JambaHybridForCausalLM(config_from_jamba(jamba.config)).to(jamba.dtype)
-    model.load_state_dict(rename_from_jamba(jamba.state_dict()), strict=True)
+    missing, unexpected = model.load_state_dict(rename_from_jamba(jamba.state_dict()), strict=False)
+    refuse_unmapped("transformers' Jamba -> hf-memory Jamba", missing, unexpected)
     model.generation_config = jamba.generation_config
     model.save_pretrained(destination)
     return model
@@ -75,9 +78,11 @@ def convert_from_jamba(source: str, destination: str, dtype: torch.dtype | None 
 
 def convert_to_jamba(source: str, destination: str, dtype: torch.dtype | None = None) -> JambaForCausalLM:
     """Read an hf-memory Jamba folder (Mamba-1 mixers), write a transformers ``JambaForCausalLM`` folder."""
-    model = JambaHybridForCausalLM.from_pretrained(source, dtype=dtype)
+    check_source(source, "to", "jamba")
+    model = load_source(JambaHybridForCausalLM, source, dtype=dtype)
     jamba = JambaForCausalLM(config_to_jamba(model.config)).to(model.dtype)
-    jamba.load_state_dict(rename_to_jamba(model.state_dict(), model.config), strict=True)
+    missing, unexpected = jamba.load_state_dict(rename_to_jamba(model.state_dict(), model.config), strict=False)
+    refuse_unmapped("hf-memory Jamba -> transformers' Jamba", missing, unexpected)
     jamba.generation_config = model.generation_config
     jamba.save_pretrained(destination)
     return jamba

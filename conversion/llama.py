@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
+from hf_memory.conversion import check_source, load_source, refuse_unmapped
 from hf_memory.modeling.infini_attention.configuration_infini_attention import InfiniAttentionConfig
 from hf_memory.modeling.infini_attention.modeling_infini_attention import InfiniAttentionForCausalLM
 
@@ -37,13 +38,12 @@ def config_from_llama(config, segment_size: int = 2048, memory_update: str = "de
 def convert_from_llama(source: str, destination: str, dtype: torch.dtype | None = None,
                        segment_size: int = 2048, memory_update: str = "delta") -> InfiniAttentionForCausalLM:
     """Read a transformers ``LlamaForCausalLM`` folder, write an hf-memory Infini-attention (Hub-ready) folder."""
-    llama = LlamaForCausalLM.from_pretrained(source, dtype=dtype)
+    check_source(source, "from", "llama")
+    llama = load_source(LlamaForCausalLM, source, dtype=dtype)
     model = InfiniAttentionForCausalLM(config_from_llama(llama.config, segment_size, memory_update)).to(llama.dtype)
     missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
     gates = {name for name in missing if name.endswith("memory_gate")}
-    if set(missing) - gates or unexpected:
-        raise ValueError(f"Llama weights do not map one to one: missing {sorted(set(missing) - gates)}, "
-                         f"unexpected {sorted(unexpected)}")
+    refuse_unmapped("Llama -> Infini-attention", set(missing) - gates, unexpected)
     model.generation_config = llama.generation_config
     model.save_pretrained(destination)
     return model

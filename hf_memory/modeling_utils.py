@@ -175,17 +175,26 @@ class HFMemoryPreTrainedModel(PreTrainedModel):
             raise
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """transformers' ``save_pretrained`` plus the bundled code and the model card.
+
+        Model-card options: ``repo_id`` (the load snippet's id), ``license`` (a Hub licence id; none declared
+        without it), ``training`` / ``intended_use`` / ``limitations`` (text; without ``training`` the card says
+        the training is not recorded and the weights may be random).
+        """
         if not self._from_hf_memory_package():
             return super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub, **kwargs)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token") if k in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
         export = importlib.import_module("hf_memory.export")
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token") if k in kwargs}
+        card = {k: kwargs.pop(k) for k in export.CARD_OPTIONS if k in kwargs}
+        export.render_model_card(self, repo_id=hub_kwargs.get("repo_id"), **card)  # refuse bad options before writing
+        super().save_pretrained(save_directory, *args, **kwargs)
         if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
-            export.write_hub_files(self, save_directory)
+            export.write_hub_files(self, save_directory, repo_id=hub_kwargs.get("repo_id"), **card)
             if push_to_hub:
                 export.upload_folder(save_directory, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the files of ``save_pretrained(folder, repo_id=repo_id, **card_options)`` as one commit."""
         if not self._from_hf_memory_package():
             return super().push_to_hub(repo_id, **kwargs)
         return importlib.import_module("hf_memory.export").push_to_hub(self, repo_id, **kwargs)

@@ -274,7 +274,7 @@ def test_push_to_hub_uploads_the_same_files_as_save_pretrained(preset, tmp_path,
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model = build(preset)
     model.push_to_hub("someone/tiny-memory-model")
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, repo_id="someone/tiny-memory-model")  # the card's load snippet names the repo
     assert len(uploads) == 1 and uploads[0][0] == "someone/tiny-memory-model"
     uploaded = uploads[0][1]
     assert set(uploaded) == {p.name for p in tmp_path.iterdir()}

@@ -115,12 +115,12 @@ def test_convert_to_transformers_jamba_round_trips(tmp_path):
 def test_converting_a_mamba2_model_to_transformers_jamba_is_refused(tmp_path):
     build("jamba-mamba2-tiny").save_pretrained(tmp_path / "ours")
     with pytest.raises(ValueError, match="mamba1"):
-        cli.main(["convert", "--to", "jamba", str(tmp_path / "ours"), str(tmp_path / "jamba")])
+        cli.main(["--debug", "convert", "--to", "jamba", str(tmp_path / "ours"), str(tmp_path / "jamba")])
 
 
 def test_unknown_conversion_format_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no converter"):
-        cli.main(["convert", "--from", "gpt17", str(tmp_path), str(tmp_path / "out")])
+        cli.main(["--debug", "convert", "--from", "gpt17", str(tmp_path), str(tmp_path / "out")])
 
 
 def test_router_aux_loss_ignores_pad_tokens():
