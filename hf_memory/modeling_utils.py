@@ -146,7 +146,7 @@ class HFMemoryPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flex_attn = True
+    _supports_flex_attn = False  # not verified against eager (CPU flex attention disagrees); eager, sdpa, flash
     _supports_attention_backend = True
     _is_stateful = True  # recurrent / memory state: no assisted decoding, no cache cropping
     _can_record_outputs = {"hidden_states": MemoryDecoderLayer, "attentions": Attention}
@@ -250,7 +250,8 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         if position_ids is None:
             position_ids = positions_from_mask(mask_2d, inputs_embeds.shape[1], past or 0, inputs_embeds.device)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(inputs_embeds, position_ids)
-        masks = self._mask_mapping(inputs_embeds, attention_mask, cache, position_ids)
+        need_weights = kwargs.get("output_attentions", self.config.output_attentions)
+        masks = self._mask_mapping(inputs_embeds, attention_mask, cache, position_ids, need_weights)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
@@ -259,9 +260,10 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         hidden_states = self._modules[self.final_norm_name](hidden_states)
         return self.output_class(last_hidden_state=hidden_states, cache=cache)
 
-    def _mask_mapping(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+    def _mask_mapping(self, inputs_embeds, attention_mask, cache, position_ids, need_weights=False) -> dict:
         """The mask each layer type reads: transformers' 4-D masks for softmax attention, the 2-D padding mask
-        (None without padding) for recurrent and segment layers. ``generate`` may pass this mapping ready-made."""
+        (None without padding) for recurrent and segment layers and for sliding-window layers that run blockwise
+        (long inputs, no attention maps asked for). ``generate`` may pass this mapping ready-made."""
         layer_types = set(self.config.layer_types)
         if isinstance(attention_mask, dict):
             missing = layer_types - set(attention_mask)
@@ -273,8 +275,8 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         masks = {t: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(t, create_recurrent_attention_mask)(**kwargs)
                  for t in layer_types - {"sliding_attention"}}
         if "sliding_attention" in layer_types:  # blockwise O(T * window) when a dense mask would be quadratic
-            long = runs_blockwise(self.config, inputs_embeds.shape[1])
-            masks["sliding_attention"] = attention_mask if long else create_sliding_window_causal_mask(**kwargs)
+            blockwise = runs_blockwise(self.config, inputs_embeds.shape[1]) and not need_weights
+            masks["sliding_attention"] = attention_mask if blockwise else create_sliding_window_causal_mask(**kwargs)
         return masks
 
     def _check_inputs(self, input_ids, inputs_embeds) -> None:

@@ -129,7 +129,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         if self.sliding_window and (runs_blockwise(self.config, length) if attention_mask is None
-                                    else attention_mask.dim() == 2):
+                                    else isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             attend = blockwise_sliding_attention
         out, weights = attend(
             self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,

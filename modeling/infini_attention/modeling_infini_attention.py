@@ -175,7 +175,6 @@ class InfiniAttentionPreTrainedModel(HFMemoryPreTrainedModel):
     _no_split_modules = ["InfiniAttentionDecoderLayer"]
     _can_record_outputs = {"hidden_states": MemoryDecoderLayer, "attentions": InfiniAttention}
     _supports_flash_attn = False  # segment masks are built here: eager and sdpa
-    _supports_flex_attn = False
 
     def memory_parameter_groups(self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list:
         """Optimizer parameter groups: the memory gates (beta of eq. 6) with their own learning rate and no
