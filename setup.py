@@ -1,11 +1,10 @@
-"""Packages of the one import namespace ``hf_memory``: the repository keeps architectures in ``modeling/``,
-converters in ``conversion/`` and card templates in ``model_cards/``; each folder (and every sub-package found
-in it) is installed inside ``hf_memory``. Metadata lives in pyproject.toml."""
+"""Packages of the one import namespace ``hf_memory``: the repository keeps architectures in ``modeling/`` and
+converters in ``conversion/``; each folder (and every sub-package found in it) is installed inside
+``hf_memory``. Metadata lives in pyproject.toml."""
 
 from setuptools import find_packages, setup
 
-FOLDERS = {"hf_memory": "hf_memory", "hf_memory.modeling": "modeling", "hf_memory.conversion": "conversion",
-           "hf_memory.model_cards": "model_cards"}
+FOLDERS = {"hf_memory": "hf_memory", "hf_memory.modeling": "modeling", "hf_memory.conversion": "conversion"}
 
 package_dir, packages = {}, []
 for package, folder in FOLDERS.items():

@@ -154,14 +154,15 @@ def fill_repo_id(card: str, repo_id: str) -> str:
 
 def render_model_card(model, repo_id: str | None = None, license: str | None = None, training: str | None = None,
                       intended_use: str | None = None, limitations: str | None = None) -> str:
-    """The architecture's card from ``model_cards/<card>.md`` with this model's numbers filled in.
+    """The architecture's card (``modeling/<name>/model_card.md``) with this model's numbers filled in.
 
     ``repo_id`` goes into the load snippet (a marked placeholder without it); ``license`` (a Hub licence id)
     into the metadata (none declared without it); ``training`` / ``intended_use`` / ``limitations`` describe
     the weights (without ``training`` the card says it is not recorded and the weights may be random).
     """
     config = model.config
-    template = resources.files("hf_memory.model_cards").joinpath(f"{model.model_card}.md").read_text("utf-8")
+    architecture_package = type(model).__module__.rsplit(".", 1)[0]  # hf_memory.modeling.<name>
+    template = resources.files(architecture_package).joinpath("model_card.md").read_text("utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     layer_types = getattr(config, "layer_types", None) or []
     counts = {t: layer_types.count(t) for t in dict.fromkeys(layer_types)}

@@ -157,7 +157,6 @@ class HFMemoryPreTrainedModel(PreTrainedModel):
     decoder_layer: type[MemoryDecoderLayer] = MemoryDecoderLayer
     final_norm_name = "norm"
     rope_layer_types: frozenset[str] = frozenset({"full_attention", "sliding_attention"})
-    model_card: str = ""
 
     def _from_hf_memory_package(self) -> bool:
         return type(self).__module__.startswith("hf_memory.")
@@ -290,7 +289,7 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
                 raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
             if input_ids.shape[1] == 0:
                 raise ValueError("input_ids has no tokens (sequence length 0)")
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.stack(torch.aminmax(input_ids)).tolist())  # one device sync
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
                                  f"[{low}, {high}]")

@@ -124,7 +124,6 @@ class GatedDeltaNetDecoderLayer(MemoryDecoderLayer):
 class GatedDeltaNetPreTrainedModel(HFMemoryPreTrainedModel):
     config: GatedDeltaNetConfig
     config_class = GatedDeltaNetConfig
-    model_card = "gated_deltanet"
     mixers = {"linear_attention": GatedDeltaNetMixer, "sliding_attention": Attention, "full_attention": Attention}
     decoder_layer = GatedDeltaNetDecoderLayer
     _no_split_modules = ["GatedDeltaNetDecoderLayer"]

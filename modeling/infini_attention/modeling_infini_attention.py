@@ -168,7 +168,6 @@ class InfiniAttentionDecoderLayer(MemoryDecoderLayer):
 class InfiniAttentionPreTrainedModel(HFMemoryPreTrainedModel):
     config: InfiniAttentionConfig
     config_class = InfiniAttentionConfig
-    model_card = "infini_attention"
     mixers = {"infini_attention": InfiniAttention}
     decoder_layer = InfiniAttentionDecoderLayer
     rope_layer_types = frozenset({"infini_attention"})

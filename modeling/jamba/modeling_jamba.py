@@ -64,7 +64,6 @@ class JambaHybridDecoderLayer(MemoryDecoderLayer):
 class JambaHybridPreTrainedModel(HFMemoryPreTrainedModel):
     config: JambaHybridConfig
     config_class = JambaHybridConfig
-    model_card = "jamba"
     mixers = {"full_attention": partial(Attention, use_rope=False), "linear_attention": build_mamba_mixer}
     ffns = {"dense": dense_ffn, "sparse": build_moe}
     decoder_layer = JambaHybridDecoderLayer

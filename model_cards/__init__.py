@@ -1,1 +1,0 @@
-"""Model card templates, one per architecture, rendered by hf_memory.export."""
