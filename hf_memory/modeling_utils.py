@@ -38,7 +38,12 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -202,8 +207,6 @@ class HFMemoryPreTrainedModel(PreTrainedModel):
 class HFMemoryModel(HFMemoryPreTrainedModel):
     """Embeddings, the stack of ``layer_types`` blocks, final RMSNorm — for every architecture."""
 
-    output_class = BaseModelOutputWithPast
-
     def __init__(self, config):
         super().__init__(config)
         config.validate_architecture()  # fields set after construction (from_pretrained(..., key=value)) too
@@ -257,7 +260,8 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
                                   position_embeddings=position_embeddings, cache=cache, **kwargs)
         hidden_states = self._modules[self.final_norm_name](hidden_states)
-        return self.output_class(last_hidden_state=hidden_states, cache=cache)
+        output_class = MoeModelOutputWithPast if "router_logits" in self._can_record_outputs else BaseModelOutputWithPast
+        return output_class(last_hidden_state=hidden_states, cache=cache)
 
     def _mask_mapping(self, inputs_embeds, attention_mask, cache, position_ids, need_weights=False) -> dict:
         """The mask each layer type reads: transformers' 4-D masks for softmax attention, the 2-D padding mask
@@ -271,8 +275,12 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
             return attention_mask
         kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                       position_ids=position_ids)
-        masks = {t: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(t, create_recurrent_attention_mask)(**kwargs)
-                 for t in layer_types - {"sliding_attention"}}
+        masks = {}
+        for layer_type in layer_types - {"sliding_attention"}:
+            function = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(layer_type, create_recurrent_attention_mask)
+            # a layer of two mixers ("hybrid": attention + recurrent) gets each part's mask by its layer type
+            masks[layer_type] = ({part: f(**kwargs) for part, f in function.items()} if isinstance(function, dict)
+                                 else function(**kwargs))
         if "sliding_attention" in layer_types:  # blockwise O(T * window) when a dense mask would be quadratic
             blockwise = runs_blockwise(self.config, inputs_embeds.shape[1]) and not need_weights
             masks["sliding_attention"] = attention_mask if blockwise else create_sliding_window_causal_mask(**kwargs)
@@ -347,7 +355,6 @@ class HFMemoryForCausalLM(HFMemoryPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     base_model_class: type[HFMemoryModel]
-    output_class = CausalLMOutputWithPast
 
     def __init__(self, config):
         super().__init__(config)
@@ -377,8 +384,9 @@ class HFMemoryForCausalLM(HFMemoryPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        extra = {}
+        extra, output_class = {}, CausalLMOutputWithPast
         if "router_logits" in self._can_record_outputs:
+            output_class = MoeCausalLMOutputWithPast
             extra["router_logits"] = outputs.router_logits
             if outputs.router_logits:
                 mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
@@ -386,5 +394,5 @@ class HFMemoryForCausalLM(HFMemoryPreTrainedModel, GenerationMixin):
                                                         self.config.num_experts_per_tok, mask)
                 if loss is not None:
                     loss = loss + self.config.router_aux_loss_coef * extra["aux_loss"]
-        return self.output_class(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+        return output_class(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **extra)

@@ -13,7 +13,6 @@ from functools import partial
 
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils.output_capturing import OutputRecorder
 
 from hf_memory.layers.attention import Attention
@@ -91,14 +90,11 @@ class JambaHybridPreTrainedModel(HFMemoryPreTrainedModel):
 class JambaHybridModel(JambaHybridPreTrainedModel, HFMemoryModel):
     """Embeddings, the interleaved stack, final RMSNorm."""
 
-    output_class = MoeModelOutputWithPast
-
 
 class JambaHybridForCausalLM(JambaHybridPreTrainedModel, HFMemoryForCausalLM):
     """The hybrid with a language-modelling head and the MoE load-balancing loss (``output_router_logits``)."""
 
     base_model_class = JambaHybridModel
-    output_class = MoeCausalLMOutputWithPast
 
 
 AUTO_MAP = {"AutoModel": JambaHybridModel, "AutoModelForCausalLM": JambaHybridForCausalLM}
