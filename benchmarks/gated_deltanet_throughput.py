@@ -21,13 +21,14 @@ import torch.nn.functional as F
 import hf_memory
 from hf_memory.ops.gated_delta import gated_delta_rule
 
+# hf-memory's names (Qwen3-Next's); value heads are 2x the key head size (the paper's expand_v = 2)
 SIZES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, intermediate_size=128,
-                 vocab_size=128),
-    "340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, intermediate_size=2816,
-                 vocab_size=32000),
-    "1.3b": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, intermediate_size=5632,
-                 vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, linear_num_key_heads=2, linear_key_head_dim=16,
+                 linear_value_head_dim=32, intermediate_size=128, vocab_size=128),
+    "340m": dict(hidden_size=1024, num_hidden_layers=24, linear_num_key_heads=4, linear_key_head_dim=256,
+                 linear_value_head_dim=512, intermediate_size=2816, vocab_size=32000),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=21, linear_num_key_heads=6, linear_key_head_dim=256,
+                 linear_value_head_dim=512, intermediate_size=5632, vocab_size=32000),
 }
 
 
@@ -65,8 +66,9 @@ def build_fla(dims: dict, dtype, device):
 
     torch.manual_seed(0)
     config = GatedDeltaNetConfig(
-        hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_hidden_layers"], num_heads=dims["num_heads"],
-        head_dim=dims["head_dim"], expand_v=2, intermediate_size=dims["intermediate_size"],
+        hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_hidden_layers"],
+        num_heads=dims["linear_num_key_heads"], head_dim=dims["linear_key_head_dim"], expand_v=2,
+        intermediate_size=dims["intermediate_size"],
         vocab_size=dims["vocab_size"], use_short_conv=True, conv_size=4, use_gate=True,
     )
     return GatedDeltaNetForCausalLM(config).to(device=device, dtype=dtype)
