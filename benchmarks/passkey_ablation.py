@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM
 import hf_memory
 from hf_memory.tasks import PasskeySpec, passkey_batch, train_recall
 
+# ``train_recall`` settings beyond lr, steps and batch size (warmup, decay, betas, weight_decay)
+RECIPE = {}
+
 VARIANTS = {"Infini-attention (memory on)": {"use_memory": True}, "local attention only (memory off)": {"use_memory": False}}
 
 
@@ -29,6 +32,31 @@ def accuracy_by_segment(model, batch) -> tuple[float, list[float]]:
     return correct.mean().item(), [correct[segments == s].mean().item() for s in range(int(segments.max()) + 1)]
 
 
+def train_variant(args, overrides: dict, seed: int) -> dict:
+    """Train one variant from ``seed``; its accuracy overall and by needle segment, final loss and seconds."""
+    torch.manual_seed(seed)
+    config = hf_memory.get_config(args.preset, **overrides)
+    spec = PasskeySpec(config.vocab_size, config.segment_size, args.segments)
+    test = passkey_batch(spec, 1024, torch.Generator().manual_seed(10_000 + seed))
+    model = AutoModelForCausalLM.from_config(config)
+    start = time.perf_counter()
+    groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr)
+    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, seed, False, groups, **RECIPE)
+    overall, by_segment = accuracy_by_segment(model, test)
+    return dict(accuracy=overall, by_segment=by_segment, loss=losses[-1], seconds=time.perf_counter() - start,
+                config=config, chance=1 / (config.vocab_size - spec.first_passkey))
+
+
+def summary_row(variant: str, runs: list[dict]) -> str:
+    """Mean and range of accuracy over seeds, each seed's accuracy, mean accuracy by needle segment, loss, seconds."""
+    accuracies = [run["accuracy"] for run in runs]
+    segments = [sum(run["by_segment"][s] for run in runs) / len(runs) for s in range(len(runs[0]["by_segment"]))]
+    return (f"| {variant} | {sum(accuracies) / len(runs):.1%} | {min(accuracies):.1%} – {max(accuracies):.1%} | "
+            f"{' / '.join(f'{a:.1%}' for a in accuracies)} | " + " | ".join(f"{a:.1%}" for a in segments)
+            + f" | {sum(run['loss'] for run in runs) / len(runs):.3f} | "
+            f"{sum(run['seconds'] for run in runs) / len(runs):.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="infini-attention-tiny")
@@ -37,33 +65,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--gate-lr", type=float, default=3e-2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="train every variant from seeds 0 .. SEEDS-1")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model gains little from more)")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    rows = []
-    for variant, overrides in VARIANTS.items():
-        torch.manual_seed(args.seed)
-        config = hf_memory.get_config(args.preset, **overrides)
-        spec = PasskeySpec(config.vocab_size, config.segment_size, args.segments)
-        test = passkey_batch(spec, 1024, torch.Generator().manual_seed(10_000 + args.seed))
-        model = AutoModelForCausalLM.from_config(config)
-        start = time.perf_counter()
-        groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr)
-        losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed, False, groups)
-        overall, by_segment = accuracy_by_segment(model, test)
-        rows.append(f"| {variant} | {overall:.1%} | " + " | ".join(f"{a:.1%}" for a in by_segment)
-                    + f" | {losses[-1]:.3f} | {time.perf_counter() - start:.0f} |")
-        print(rows[-1], flush=True)
+    runs = {variant: [] for variant in VARIANTS}
+    for seed in range(args.seeds):
+        for variant, overrides in VARIANTS.items():
+            runs[variant].append(train_variant(args, overrides, seed))
+            run = runs[variant][-1]
+            print(f"seed {seed} | {variant} | {run['accuracy']:.1%} | loss {run['loss']:.3f} | "
+                  f"{run['seconds']:.0f} s", flush=True)
+    config = run["config"]
     header = " | ".join(f"needle in segment {s}" for s in range(args.segments - 1))
+    recipe = ", ".join(f"{k} {v}" for k, v in RECIPE.items())
     table = "\n".join([
         f"Passkey retrieval, preset {args.preset} ({config.memory_update} memory update): {args.segments} segments of "
         f"{config.segment_size} tokens, the question in the last one; {args.steps} steps x {args.batch_size}, "
-        f"lr {args.lr} (gates {args.gate_lr}), seed {args.seed}; chance {1 / (config.vocab_size - spec.first_passkey):.1%}",
+        f"lr {args.lr} (gates {args.gate_lr}){', ' + recipe if recipe else ''}, seeds 0-{args.seeds - 1}, "
+        f"{args.threads} thread(s); chance {run['chance']:.1%}. Accuracy by needle segment is the mean over seeds.",
         "",
-        f"| variant | accuracy | {header} | final train loss | seconds |",
-        "|---|---|" + "---|" * (args.segments - 1) + "---|---|",
-        *rows,
+        f"| variant | accuracy, mean | range (min – max) | per seed | {header} | final train loss, mean "
+        "| seconds per seed |",
+        "|---|---|---|---|" + "---|" * (args.segments - 1) + "---|---|",
+        *(summary_row(variant, variant_runs) for variant, variant_runs in runs.items()),
     ])
     print(table)
     if args.output:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import hf_memory
-from hf_memory.tasks import MQARSpec, mqar_batch, recall_accuracy, train_recall
+from hf_memory.tasks import DEMO_TRAINING, MQARSpec, mqar_batch, recall_accuracy, train_recall
 
 # preset -> variant name -> config overrides
 ABLATIONS = {
@@ -37,12 +38,35 @@ ABLATIONS = {
 }
 
 
-# preset -> task and optimiser settings that let the memory variant learn within a CPU budget
+# preset -> task and optimiser settings that let the memory variant learn within a CPU budget (``recipe``
+# goes to ``train_recall``: warmup, decay, betas, weight_decay, curriculum)
 TRAINING = {
-    "gated-deltanet-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2),
-    "jamba-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3),
-    "jamba-mamba2-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3),
+    "gated-deltanet-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),  # as the demo
+    "jamba-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
+    "jamba-mamba2-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
 }
+
+
+def train_variant(preset: str, overrides: dict, args, seed: int) -> dict:
+    """Train one variant from ``seed``; its recall accuracy on 512 held-out sequences, final loss, seconds."""
+    torch.manual_seed(seed)
+    config = hf_memory.get_config(preset, **overrides)
+    spec = MQARSpec(vocab_size=config.vocab_size, num_pairs=args.pairs, num_queries=args.pairs)
+    test = mqar_batch(spec, 512, torch.Generator().manual_seed(10_000 + seed))
+    model = AutoModelForCausalLM.from_config(config)
+    start = time.perf_counter()
+    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, seed, progress=False,
+                          **TRAINING[preset]["recipe"])
+    return dict(accuracy=recall_accuracy(model, test), loss=losses[-1], seconds=time.perf_counter() - start,
+                parameters=sum(p.numel() for p in model.parameters()), chance=1 / spec.num_values)
+
+
+def summary_row(variant: str, runs: list[dict]) -> str:
+    """One markdown row: mean and range of accuracy over seeds, each seed's accuracy, mean loss and seconds."""
+    accuracies = [run["accuracy"] for run in runs]
+    return (f"| {variant} | {runs[0]['parameters']:,} | {sum(accuracies) / len(runs):.1%} | "
+            f"{min(accuracies):.1%} – {max(accuracies):.1%} | {' / '.join(f'{a:.1%}' for a in accuracies)} | "
+            f"{sum(run['loss'] for run in runs) / len(runs):.3f} | {sum(run['seconds'] for run in runs) / len(runs):.0f} |")
 
 
 def main() -> None:
@@ -52,34 +76,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: per preset")
     parser.add_argument("--batch-size", type=int, help="default: per preset")
     parser.add_argument("--lr", type=float, help="default: per preset")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="train every variant from seeds 0 .. SEEDS-1")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model gains little from more)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes of --threads each)")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
     for name, value in TRAINING[args.preset].items():
-        if getattr(args, name) is None:
+        if name != "recipe" and getattr(args, name) is None:
             setattr(args, name, value)
+    torch.set_num_threads(args.threads)
 
-    rows = []
-    for variant, overrides in ABLATIONS[args.preset].items():
-        torch.manual_seed(args.seed)
-        config = hf_memory.get_config(args.preset, **overrides)
-        spec = MQARSpec(vocab_size=config.vocab_size, num_pairs=args.pairs, num_queries=args.pairs)
-        test = mqar_batch(spec, 512, torch.Generator().manual_seed(10_000 + args.seed))
-        model = AutoModelForCausalLM.from_config(config)
-        start = time.perf_counter()
-        losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed, progress=False)
-        accuracy = recall_accuracy(model, test)
-        rows.append(f"| {variant} | {sum(p.numel() for p in model.parameters()):,} | {accuracy:.1%} | "
-                    f"{losses[-1]:.3f} | {time.perf_counter() - start:.0f} |")
-        print(rows[-1], flush=True)
+    jobs = [(seed, variant) for seed in range(args.seeds) for variant in ABLATIONS[args.preset]]
+    runs = {variant: [] for variant in ABLATIONS[args.preset]}
+    with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        futures = [pool.submit(train_variant, args.preset, ABLATIONS[args.preset][variant], args, seed)
+                   for seed, variant in jobs]
+        for (seed, variant), future in zip(jobs, futures):
+            run = future.result()
+            runs[variant].append(run)
+            print(f"seed {seed} | {variant} | {run['accuracy']:.1%} | loss {run['loss']:.3f} | "
+                  f"{run['seconds']:.0f} s", flush=True)
+    recipe = ", ".join(f"{k} {v}" for k, v in TRAINING[args.preset]["recipe"].items())
     table = "\n".join([
         f"MQAR recall, preset {args.preset}: {args.pairs} key-value pairs then {args.pairs} queries, "
-        f"{args.steps} steps x {args.batch_size} sequences, AdamW lr {args.lr}, seed {args.seed}, "
-        f"chance {1 / spec.num_values:.1%}",
+        f"{args.steps} steps x {args.batch_size} sequences, AdamW lr {args.lr}{', ' + recipe if recipe else ''}, "
+        f"seeds 0-{args.seeds - 1}, {args.threads} thread(s) per run, {args.jobs} run(s) in parallel; chance {run['chance']:.1%}",
         "",
-        "| variant | parameters | recall accuracy | final train loss | seconds |",
-        "|---|---|---|---|---|",
-        *rows,
+        "| variant | parameters | recall, mean | range (min – max) | per seed | final train loss, mean "
+        "| seconds per seed |",
+        "|---|---|---|---|---|---|---|",
+        *(summary_row(variant, variant_runs) for variant, variant_runs in runs.items()),
     ])
     print(table)
     if args.output:

@@ -26,23 +26,29 @@ import torch
 
 def demo(args: argparse.Namespace) -> int:
     import hf_memory
-    from hf_memory.tasks import FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy, train_recall
+    from hf_memory.tasks import DEMO_TRAINING, FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy, train_recall
     from transformers import AutoModelForCausalLM
 
     check_destination(args.output, args.force, "--output")  # before training, not after
+    # A ~100K-parameter model gains nothing from many threads, and on a busy machine torch's default thread
+    # count made a step ~60x slower: one thread unless asked.
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = hf_memory.get_config(args.preset)
     spec = MQARSpec(vocab_size=config.vocab_size, num_pairs=args.pairs, num_queries=args.pairs)
     model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
+    chance = 1 / spec.num_values
     print(f"model: {args.preset} ({type(model).__name__}, {n_params:,} parameters, layers {config.layer_types})")
-    print(f"task: MQAR, {spec.num_pairs} key-value pairs then {spec.num_queries} queries "
-          f"(chance {1 / spec.num_values:.1%})")
+    print(f"task: MQAR, {spec.num_pairs} key-value pairs then {spec.num_queries} queries (chance {chance:.1%})")
+    warm_up = ", ".join(f"{n} on {pairs} pair{'s' * (pairs > 1)}" for pairs, n in DEMO_TRAINING["curriculum"])
+    print(f"training: {args.steps} steps x {args.batch_size} sequences ({warm_up} first), AdamW lr {args.lr}, "
+          f"seed {args.seed}, {args.threads} CPU thread{'s' * (args.threads > 1)} (--threads N for more)")
 
     test = mqar_batch(spec, 512, torch.Generator().manual_seed(10_000 + args.seed))
     before = recall_accuracy(model, test)
     start = time.perf_counter()
-    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed)
+    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, args.seed, **DEMO_TRAINING)
     seconds = time.perf_counter() - start
     after = recall_accuracy(model, test)
     print(f"recall accuracy on 512 held-out sequences: {before:.1%} before, {after:.1%} after "
@@ -53,9 +59,16 @@ def demo(args: argparse.Namespace) -> int:
     answer = test["input_ids"][0, 1 + 2 * spec.num_pairs + 1].item()
     generated = model.generate(example, attention_mask=torch.ones_like(example), max_new_tokens=1, do_sample=False)
     pairs = example[0, 1:-1].view(-1, 2).tolist()
-    print(f"generate: pairs {[(k - FIRST_KEY, v - spec.first_value) for k, v in pairs]}, "
-          f"query key {example[0, -1].item() - FIRST_KEY} -> generated value "
-          f"{generated[0, -1].item() - spec.first_value} (expected {answer - spec.first_value})")
+    print(f"generate: pairs {[(k - FIRST_KEY, v - spec.first_value) for k, v in pairs]} as (key, value), "
+          f"query key {example[0, -1].item() - FIRST_KEY} -> generated {spec.describe(generated[0, -1].item())} "
+          f"(expected {spec.describe(answer)})")
+    advice = f"try more steps (--steps {2 * args.steps}), another --seed, or a lower --lr (e.g. {args.lr / 3:.0e})"
+    if after >= 0.9:
+        print(f"memory works: {after:.1%} of queried values recalled (chance {chance:.1%})")
+    elif after >= 10 * chance:
+        print(f"memory partly works: {after:.1%} recalled (chance {chance:.1%}; a full solution is > 90%); {advice}")
+    else:
+        print(f"memory did not learn: {after:.1%} recalled, chance is {chance:.1%}; {advice}")
 
     save = functools.partial(model.save_pretrained, license=args.license, **demo_card(args, spec, after))
     write_folder(args.output, args.force, save, "--output")
@@ -213,6 +226,9 @@ def add_demo_parser(commands) -> None:
     run.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: %(default)s)")
     run.add_argument("--pairs", type=int, default=4, help="key-value pairs per sequence, all queried (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="random seed of the model, the data and the test set (default: %(default)s)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads for torch (default: %(default)s; the model is tiny and a busy machine slows "
+                          "many threads down)")
     run.add_argument("--output", default="hf-memory-demo", help="folder to write the Hub-ready model to; new or empty unless --force (default: %(default)s)")
     add_writing_options(run)
     run.set_defaults(func=demo)

@@ -14,7 +14,8 @@ Passkey retrieval (``PasskeySpec``): a passkey hidden in an earlier segment of f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import Dataset
@@ -45,6 +46,14 @@ class MQARSpec:
     @property
     def length(self) -> int:
         return 1 + 2 * self.num_pairs + 2 * self.num_queries
+
+    def describe(self, token: int) -> str:
+        """``value 17``, ``key 5`` or ``pad`` / ``bos`` / ``eos``: what a token of this task is."""
+        if token >= self.first_value:
+            return f"value {token - self.first_value}"
+        if token >= FIRST_KEY:
+            return f"key {token - FIRST_KEY}"
+        return ("pad", "bos", "eos")[token]
 
     def check(self) -> None:
         if self.num_keys < self.num_pairs:
@@ -92,31 +101,65 @@ class MQARDataset(Dataset):
         return {name: tensor[index] for name, tensor in self.data.items()}
 
 
+# ``train_recall`` settings of ``hf-memory demo`` (700 steps x 64, lr 1e-2) and of the Gated DeltaNet recall
+# ablation. Without the one-pair stage, escaping the unigram plateau (loss ~4.1) took 250 to 700+ steps and
+# flipped between 92% and 3% recall under a 1e-6 relative perturbation of the initial weights.
+DEMO_TRAINING = dict(warmup=50, decay="constant", curriculum=((1, 150),))
+
+
 def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
-                 parameters=None) -> list[float]:
-    """AdamW with a 50-step warmup on fresh batches of the task of ``spec`` (MQAR or passkey); returns the
-    training losses. ``parameters`` may be optimizer parameter groups (default: all parameters)."""
+                 parameters=None, warmup: int = 50, decay: str = "constant", betas=(0.9, 0.999),
+                 weight_decay: float = 0.0, clip: float = 1.0, curriculum=()) -> list[float]:
+    """AdamW on fresh batches of the task of ``spec`` (MQAR or passkey): linear warmup over ``warmup`` steps,
+    then a ``"constant"`` or ``"cosine"`` (to 0 at the end) learning rate; returns the training losses.
+    ``parameters`` may be optimizer parameter groups (default: all parameters).
+
+    ``curriculum`` (MQAR only): ``(num_pairs, steps)`` stages trained first, within the ``steps`` budget, each
+    with a fresh optimizer and warmup. With one pair the answer is the one value in the context, so the model
+    learns to write values to its memory and read them back before it must also match keys."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters() if parameters is None else parameters, lr=lr, weight_decay=0.0)
-    make_batch = passkey_batch if isinstance(spec, PasskeySpec) else mqar_batch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    stages = [(replace(spec, num_pairs=pairs, num_queries=pairs), n) for pairs, n in curriculum]
+    stages.append((spec, steps - sum(n for _, n in stages)))
+    bar = tqdm(total=steps, desc=f"training on {type(spec).__name__[:-4]}", unit="step", disable=not progress)
     losses = []
-    bar = tqdm(range(steps), desc="training on MQAR", unit="step", disable=not progress)
-    for _ in bar:
-        model.train()
-        batch = make_batch(spec, batch_size, generator)
-        batch.pop("needle_segment", None)
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    for stage_spec, stage_steps in stages:
+        # A fresh AdamW per stage: the harder stage's first gradients are ~100x the last ones of the easier stage,
+        # and the old second-moment estimates would turn them into steps of several times lr.
+        optimizer = torch.optim.AdamW(model.parameters() if parameters is None else parameters, lr=lr,
+                                      betas=betas, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=stage_steps: _lr_factor(s, n, warmup, decay))
+        for _ in range(stage_steps):
+            losses.append(_train_step(model, optimizer, stage_spec, batch_size, generator, clip))
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     return losses
+
+
+def _train_step(model, optimizer, spec, batch_size: int, generator: torch.Generator, clip: float) -> float:
+    model.train()
+    batch = (passkey_batch if isinstance(spec, PasskeySpec) else mqar_batch)(spec, batch_size, generator)
+    batch.pop("needle_segment", None)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _lr_factor(step: int, steps: int, warmup: int, decay: str) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warmup, then constant or cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    raise ValueError(f"train_recall: decay must be 'constant' or 'cosine', got {decay!r}")
 
 
 @dataclass(frozen=True)
