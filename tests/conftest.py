@@ -34,8 +34,9 @@ def build(name: str, seed: int = 0, **overrides):
 
 def crossing_length(config) -> int:
     """A prompt length that crosses every chunk, window and segment boundary of the config at least twice."""
-    spans = [getattr(config, field, None) or 0
-             for field in ("linear_chunk_size", "mamba_chunk_size", "sliding_window", "segment_size")]
+    spans = [getattr(config, field, None) or 0 for field in ("linear_chunk_size", "sliding_window", "segment_size")]
+    if getattr(config, "mamba_version", None) == "mamba2":  # Mamba-1 has no chunks
+        spans.append(config.mamba_chunk_size)
     return 2 * max(spans + [8]) + 7
 
 

@@ -369,8 +369,8 @@ def test_head_dim_is_the_attention_head_size_everywhere(preset):
 
 def test_rope_parameters_select_transformers_rope_types(preset):
     config = tiny_config(preset)
-    if getattr(config, "rope_parameters", None) is None:
-        pytest.skip("no RoPE in this architecture")
+    if build(preset).model.rotary_emb is None:
+        pytest.skip("no layer of this preset uses RoPE")
     ids = random_ids(config, 1, crossing_length(config))
     logits = {}
     for rope in ({"rope_type": "default", "rope_theta": 10000.0},
