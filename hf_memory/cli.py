@@ -26,7 +26,9 @@ import torch
 
 def demo(args: argparse.Namespace) -> int:
     import hf_memory
-    from hf_memory.tasks import DEMO_TRAINING, FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy, train_recall
+    from hf_memory.tasks import (
+        DEMO_TRAINING, FIRST_KEY, MQARSpec, mqar_batch, recall_accuracy, scaled_curriculum, train_recall,
+    )
     from transformers import AutoModelForCausalLM
 
     check_destination(args.output, args.force, "--output")  # before training, not after
@@ -41,7 +43,8 @@ def demo(args: argparse.Namespace) -> int:
     chance = 1 / spec.num_values
     print(f"model: {args.preset} ({type(model).__name__}, {n_params:,} parameters, layers {config.layer_types})")
     print(f"task: MQAR, {spec.num_pairs} key-value pairs then {spec.num_queries} queries (chance {chance:.1%})")
-    warm_up = ", ".join(f"{n} on {pairs} pair{'s' * (pairs > 1)}" for pairs, n in DEMO_TRAINING["curriculum"])
+    stages = scaled_curriculum(DEMO_TRAINING["curriculum"], args.steps)
+    warm_up = ", ".join(f"{n} on {pairs} pair{'s' * (pairs > 1)}" for pairs, n in stages)
     print(f"training: {args.steps} steps x {args.batch_size} sequences ({warm_up} first), AdamW lr {args.lr}, "
           f"seed {args.seed}, {args.threads} CPU thread{'s' * (args.threads > 1)} (--threads N for more)")
 

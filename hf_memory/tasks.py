@@ -120,7 +120,7 @@ def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int,
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    stages = [(replace(spec, num_pairs=pairs, num_queries=pairs), n) for pairs, n in curriculum]
+    stages = [(replace(spec, num_pairs=pairs, num_queries=pairs), n) for pairs, n in scaled_curriculum(curriculum, steps)]
     stages.append((spec, steps - sum(n for _, n in stages)))
     bar = tqdm(total=steps, desc=f"training on {type(spec).__name__[:-4]}", unit="step", disable=not progress)
     losses = []
@@ -137,6 +137,14 @@ def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int,
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     return losses
+
+
+def scaled_curriculum(curriculum, steps: int) -> list[tuple[int, int]]:
+    """The ``(num_pairs, steps)`` stages as run within a budget of ``steps``: shrunk in proportion when they would
+    take more than half of it (a short run still ends on the full task)."""
+    planned = sum(n for _, n in curriculum)
+    scale = min(1.0, steps / 2 / planned) if planned else 1.0
+    return [(pairs, int(n * scale)) for pairs, n in curriculum]
 
 
 def _train_step(model, optimizer, spec, batch_size: int, generator: torch.Generator, clip: float) -> float:
