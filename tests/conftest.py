@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,28 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, f"subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
     return result
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list:
+    """huggingface_hub.HfApi replaced, so nothing reaches the network: records each upload as (repo id, {file name:
+    bytes}); create_repo puts a bare name under 'someone/' as the Hub puts it under the user."""
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'someone/' + repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((repo_id, {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return uploads
 
 
 @pytest.fixture(params=TINY_PRESETS)

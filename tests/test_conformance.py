@@ -254,29 +254,12 @@ def test_export_loads_with_trust_remote_code_in_a_fresh_process_without_hf_memor
     """))
 
 
-def test_push_to_hub_uploads_the_same_files_as_save_pretrained(preset, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    uploads = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            from pathlib import Path
-
-            uploads.append((repo_id, {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+def test_push_to_hub_uploads_the_same_files_as_save_pretrained(preset, tmp_path, fake_hub):
     model = build(preset)
     model.push_to_hub("someone/tiny-memory-model")
     model.save_pretrained(tmp_path, repo_id="someone/tiny-memory-model")  # the card's load snippet names the repo
-    assert len(uploads) == 1 and uploads[0][0] == "someone/tiny-memory-model"
-    uploaded = uploads[0][1]
+    assert len(fake_hub) == 1 and fake_hub[0][0] == "someone/tiny-memory-model"
+    uploaded = fake_hub[0][1]
     assert set(uploaded) == {p.name for p in tmp_path.iterdir()}
     for name in ("config.json", "README.md", "model.safetensors"):
         assert uploaded[name] == (tmp_path / name).read_bytes(), name

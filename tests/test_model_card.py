@@ -17,29 +17,6 @@ def model():
     return build("gated-deltanet-tiny")
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """HfApi replaced: records uploads (repo id, README text); create_repo puts bare names under 'someone/'."""
-    import huggingface_hub
-
-    uploads = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'someone/' + repo_id}")
-
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            from pathlib import Path
-
-            uploads.append((repo_id, (Path(folder_path) / "README.md").read_text()))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    return uploads
-
-
 def test_card_saved_without_a_repo_id_marks_the_placeholder_in_the_load_snippet(model):
     card = render_model_card(model)
     assert LOAD.format(REPO_PLACEHOLDER) in card and "<this repo>" not in card
@@ -48,14 +25,16 @@ def test_card_saved_without_a_repo_id_marks_the_placeholder_in_the_load_snippet(
 
 def test_push_to_hub_puts_the_repo_id_in_the_load_snippet(model, fake_hub):
     model.push_to_hub("someone/tiny-memory-model")
-    [(repo_id, card)] = fake_hub
+    [(repo_id, files)] = fake_hub
+    card = files["README.md"].decode()
     assert repo_id == "someone/tiny-memory-model"
     assert LOAD.format("someone/tiny-memory-model") in card and REPO_PLACEHOLDER not in card
 
 
 def test_save_pretrained_with_push_to_hub_fills_in_the_repo_id_the_hub_resolved(model, fake_hub, tmp_path):
     model.save_pretrained(tmp_path / "my-model", push_to_hub=True)
-    [(repo_id, card)] = fake_hub
+    [(repo_id, files)] = fake_hub
+    card = files["README.md"].decode()
     assert repo_id == "someone/my-model" and LOAD.format("someone/my-model") in card
     assert REPO_PLACEHOLDER not in card
 
@@ -71,7 +50,7 @@ def test_card_declares_the_license_given_to_save_pretrained_and_push_to_hub(mode
     model.save_pretrained(tmp_path, license="MIT")
     assert ModelCard.load(tmp_path / "README.md").data.license == "mit"
     model.push_to_hub("someone/tiny", license="apache-2.0")
-    assert ModelCard(fake_hub[0][1]).data.license == "apache-2.0"
+    assert ModelCard(fake_hub[0][1]["README.md"].decode()).data.license == "apache-2.0"
 
 
 @pytest.mark.parametrize("options, field", [
