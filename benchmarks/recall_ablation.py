@@ -2,7 +2,8 @@
 with the same budget, and print their recall accuracy side by side.
 
     python benchmarks/recall_ablation.py --preset jamba-tiny            # hybrid (1 attention layer) vs all-Mamba
-    python benchmarks/recall_ablation.py --preset gated-deltanet-tiny   # GDN vs local attention of the same size
+    python benchmarks/recall_ablation.py --preset gated-deltanet-1layer-tiny   # the demo's GDN vs local attention
+    python benchmarks/recall_ablation.py --preset gated-deltanet-tiny          # the same with two layers
 
 Each variant starts from the same seed, sees the same batches, and is scored on the same 512 held-out
 sequences; chance is 1 / (number of value tokens).
@@ -23,6 +24,10 @@ from hf_memory.tasks import DEMO_TRAINING, MQARSpec, mqar_batch, recall_accuracy
 
 # preset -> variant name -> config overrides
 ABLATIONS = {
+    "gated-deltanet-1layer-tiny": {
+        "Gated DeltaNet, 1 layer": {},
+        "local attention only (window 4), 1 layer": {"layer_types": ["sliding_attention"], "sliding_window": 4},
+    },
     "gated-deltanet-tiny": {
         "Gated DeltaNet, 2 layers": {},
         "local attention only (window 4), 2 layers": {"layer_types": ["sliding_attention"] * 2, "sliding_window": 4},
@@ -41,7 +46,8 @@ ABLATIONS = {
 # preset -> task and optimiser settings that let the memory variant learn within a CPU budget (``recipe``
 # goes to ``train_recall``: warmup, decay, betas, weight_decay, curriculum)
 TRAINING = {
-    "gated-deltanet-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),  # as the demo
+    "gated-deltanet-1layer-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),  # the demo
+    "gated-deltanet-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),
     "jamba-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
     "jamba-mamba2-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
 }

@@ -60,16 +60,16 @@ def test_get_config_applies_overrides_and_rejects_unknown_presets():
 
 
 def test_cli_demo_trains_reports_recall_generates_and_writes_a_hub_folder(tmp_path, capsys):
-    # The demo's own recipe (700 steps, one thread). Measured recall over seeds 0-4: 54% to 99% (chance 1.6%).
+    # The demo's own recipe (700 steps, one thread). Measured recall: 92% to 99% on each of seeds 0-7 (chance 1.6%).
     output = tmp_path / "demo"
     assert cli.main(["demo", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     before, after = map(float, re.search(r"recall accuracy .*: ([\d.]+)% before, ([\d.]+)% after", printed).groups())
-    assert before < 5 and after > 30, printed
+    assert before < 5 and after >= 80, printed
     assert re.search(r"generate: .* -> generated (value \d+|key \d+|pad|bos|eos) \(expected value \d+\)", printed)
-    assert re.search(r"^memory (works|partly works|did not learn)", printed, re.M) and "1 CPU thread" in printed
+    assert re.search(r"^memory (works|partly works): ", printed, re.M) and "1 CPU thread" in printed
     config = json.loads((output / "config.json").read_text())
-    assert config["model_type"] == "hfm_gated_deltanet" and "auto_map" in config
+    assert config["model_type"] == "hfm_gated_deltanet" and config["num_hidden_layers"] == 1 and "auto_map" in config
     assert (output / "README.md").exists() and (output / "model.safetensors").exists()
 
 

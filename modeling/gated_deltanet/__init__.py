@@ -19,6 +19,11 @@ ARCHITECTURE = Architecture(
     "gated_deltanet", GatedDeltaNetConfig, AUTO_MAP,
     presets={
         "gated-deltanet-tiny": Preset(_TINY, "hf-memory test size"),
+        "gated-deltanet-1layer-tiny": Preset(
+            {**_TINY, "num_hidden_layers": 1},
+            "one Gated DeltaNet layer of the test size: `hf-memory demo`'s model. On the demo's recall task it "
+            "learns on every seed measured, where the two-layer test size stalls at ~54% on some seeds",
+        ),
         "gated-deltanet-h1-tiny": Preset(
             {**_TINY, "num_hidden_layers": 4, "sliding_window": 8,
              "layer_types": ["linear_attention", "sliding_attention"] * 2},
