@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import hf_memory
 from hf_memory.tasks import PasskeySpec, passkey_batch, train_recall
+
+from report import emit, spread_cells
 
 # ``train_recall`` settings beyond lr, steps and batch size (warmup, decay, betas, weight_decay)
 RECIPE = {}
@@ -51,8 +52,7 @@ def summary_row(variant: str, runs: list[dict]) -> str:
     """Mean and range of accuracy over seeds, each seed's accuracy, mean accuracy by needle segment, loss, seconds."""
     accuracies = [run["accuracy"] for run in runs]
     segments = [sum(run["by_segment"][s] for run in runs) / len(runs) for s in range(len(runs[0]["by_segment"]))]
-    return (f"| {variant} | {sum(accuracies) / len(runs):.1%} | {min(accuracies):.1%} – {max(accuracies):.1%} | "
-            f"{' / '.join(f'{a:.1%}' for a in accuracies)} | " + " | ".join(f"{a:.1%}" for a in segments)
+    return (f"| {variant} | {spread_cells(accuracies)} | " + " | ".join(f"{a:.1%}" for a in segments)
             + f" | {sum(run['loss'] for run in runs) / len(runs):.3f} | "
             f"{sum(run['seconds'] for run in runs) / len(runs):.0f} |")
 
@@ -81,7 +81,7 @@ def main() -> None:
     config = run["config"]
     header = " | ".join(f"needle in segment {s}" for s in range(args.segments - 1))
     recipe = ", ".join(f"{k} {v}" for k, v in RECIPE.items())
-    table = "\n".join([
+    emit([
         f"Passkey retrieval, preset {args.preset} ({config.memory_update} memory update): {args.segments} segments of "
         f"{config.segment_size} tokens, the question in the last one; {args.steps} steps x {args.batch_size}, "
         f"lr {args.lr} (gates {args.gate_lr}){', ' + recipe if recipe else ''}, seeds 0-{args.seeds - 1}, "
@@ -91,11 +91,7 @@ def main() -> None:
         "| seconds per seed |",
         "|---|---|---|---|" + "---|" * (args.segments - 1) + "---|---|",
         *(summary_row(variant, variant_runs) for variant, variant_runs in runs.items()),
-    ])
-    print(table)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table + "\n")
+    ], args.output)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import hf_memory
 from hf_memory.tasks import DEMO_TRAINING, MQARSpec, mqar_batch, recall_accuracy, train_recall
+
+from report import emit, spread_cells
 
 # preset -> variant name -> config overrides
 ABLATIONS = {
@@ -70,8 +71,7 @@ def train_variant(preset: str, overrides: dict, args, seed: int) -> dict:
 def summary_row(variant: str, runs: list[dict]) -> str:
     """One markdown row: mean and range of accuracy over seeds, each seed's accuracy, mean loss and seconds."""
     accuracies = [run["accuracy"] for run in runs]
-    return (f"| {variant} | {runs[0]['parameters']:,} | {sum(accuracies) / len(runs):.1%} | "
-            f"{min(accuracies):.1%} – {max(accuracies):.1%} | {' / '.join(f'{a:.1%}' for a in accuracies)} | "
+    return (f"| {variant} | {runs[0]['parameters']:,} | {spread_cells(accuracies)} | "
             f"{sum(run['loss'] for run in runs) / len(runs):.3f} | {sum(run['seconds'] for run in runs) / len(runs):.0f} |")
 
 
@@ -103,7 +103,7 @@ def main() -> None:
             print(f"seed {seed} | {variant} | {run['accuracy']:.1%} | loss {run['loss']:.3f} | "
                   f"{run['seconds']:.0f} s", flush=True)
     recipe = ", ".join(f"{k} {v}" for k, v in TRAINING[args.preset]["recipe"].items())
-    table = "\n".join([
+    emit([
         f"MQAR recall, preset {args.preset}: {args.pairs} key-value pairs then {args.pairs} queries, "
         f"{args.steps} steps x {args.batch_size} sequences, AdamW lr {args.lr}{', ' + recipe if recipe else ''}, "
         f"seeds 0-{args.seeds - 1}, {args.threads} thread(s) per run, {args.jobs} run(s) in parallel; chance {run['chance']:.1%}",
@@ -112,11 +112,7 @@ def main() -> None:
         "| seconds per seed |",
         "|---|---|---|---|---|---|---|",
         *(summary_row(variant, variant_runs) for variant, variant_runs in runs.items()),
-    ])
-    print(table)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table + "\n")
+    ], args.output)
 
 
 if __name__ == "__main__":

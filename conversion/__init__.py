@@ -17,6 +17,9 @@ CONVERTERS = {
     ("from", "jamba"): ("hf_memory.conversion.jamba", "convert_from_jamba"),
     ("to", "jamba"): ("hf_memory.conversion.jamba", "convert_to_jamba"),
     ("from", "llama"): ("hf_memory.conversion.llama", "convert_from_llama"),
+    ("from", "falcon_h1"): ("hf_memory.conversion.falcon_h1", "convert_from_falcon_h1"),
+    ("to", "falcon_h1"): ("hf_memory.conversion.falcon_h1", "convert_to_falcon_h1"),
+    ("from", "hymba"): ("hf_memory.conversion.hymba", "convert_from_hymba"),
 }
 
 # (direction, format) -> (model_type, causal-LM class) that the source folder's config.json must declare
@@ -24,6 +27,9 @@ SOURCES = {
     ("from", "jamba"): ("jamba", "JambaForCausalLM"),
     ("to", "jamba"): ("hfm_jamba", "JambaHybridForCausalLM"),
     ("from", "llama"): ("llama", "LlamaForCausalLM"),
+    ("from", "falcon_h1"): ("falcon_h1", "FalconH1ForCausalLM"),
+    ("to", "falcon_h1"): ("hfm_hymba", "HymbaForCausalLM"),
+    ("from", "hymba"): ("hymba", "HymbaForCausalLM"),
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -92,6 +98,16 @@ def refuse_unmapped(what: str, missing=(), unexpected=(), mismatched=()) -> None
         problems.append(f"wrong shape {len(mismatched)} ({_names(name for name, *_ in mismatched)})")
     if problems:
         raise ValueError(f"{what}: weights do not map one to one: {'; '.join(problems)}")
+
+
+def transfer(source_model, target, state_dict: dict, what: str):
+    """``target`` with ``state_dict`` (the source's weights under the target's names) loaded, in the source's
+    dtype and with its generation config; refuses weights that do not map one to one."""
+    target = target.to(source_model.dtype)
+    missing, unexpected = target.load_state_dict(state_dict, strict=False)
+    refuse_unmapped(what, missing, unexpected)
+    target.generation_config = source_model.generation_config
+    return target
 
 
 def _unreadable_weight_file(folder: Path) -> tuple[Path, str] | None:

@@ -13,7 +13,7 @@ import re
 import torch
 from transformers import JambaConfig, JambaForCausalLM
 
-from hf_memory.conversion import check_source, load_source, refuse_unmapped
+from hf_memory.conversion import check_source, load_source, transfer
 from hf_memory.modeling.jamba.configuration_jamba import JambaHybridConfig
 from hf_memory.modeling.jamba.modeling_jamba import JambaHybridForCausalLM
 
@@ -68,10 +68,8 @@ def convert_from_jamba(source: str, destination: str, dtype: torch.dtype | None 
     """Read a transformers ``JambaForCausalLM`` folder, write an hf-memory (Hub-ready) folder."""
     check_source(source, "from", "jamba")
     jamba = load_source(JambaForCausalLM, source, dtype=dtype)
-    model = JambaHybridForCausalLM(config_from_jamba(jamba.config)).to(jamba.dtype)
-    missing, unexpected = model.load_state_dict(rename_from_jamba(jamba.state_dict()), strict=False)
-    refuse_unmapped("transformers' Jamba -> hf-memory Jamba", missing, unexpected)
-    model.generation_config = jamba.generation_config
+    model = transfer(jamba, JambaHybridForCausalLM(config_from_jamba(jamba.config)),
+                     rename_from_jamba(jamba.state_dict()), "transformers' Jamba -> hf-memory Jamba")
     model.save_pretrained(destination)
     return model
 
@@ -80,9 +78,7 @@ def convert_to_jamba(source: str, destination: str, dtype: torch.dtype | None = 
     """Read an hf-memory Jamba folder (Mamba-1 mixers), write a transformers ``JambaForCausalLM`` folder."""
     check_source(source, "to", "jamba")
     model = load_source(JambaHybridForCausalLM, source, dtype=dtype)
-    jamba = JambaForCausalLM(config_to_jamba(model.config)).to(model.dtype)
-    missing, unexpected = jamba.load_state_dict(rename_to_jamba(model.state_dict(), model.config), strict=False)
-    refuse_unmapped("hf-memory Jamba -> transformers' Jamba", missing, unexpected)
-    jamba.generation_config = model.generation_config
+    jamba = transfer(model, JambaForCausalLM(config_to_jamba(model.config)),
+                     rename_to_jamba(model.state_dict(), model.config), "hf-memory Jamba -> transformers' Jamba")
     jamba.save_pretrained(destination)
     return jamba

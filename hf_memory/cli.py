@@ -3,7 +3,8 @@
 commands:
     hf-memory demo      build a tiny model, train it on CPU on multi-query associative recall, report recall
                         accuracy, generate, and write a Hub-ready folder (no download: everything is built in)
-    hf-memory convert   --from FORMAT SRC DST (jamba, llama), or --to FORMAT SRC DST (jamba)
+    hf-memory convert   --from FORMAT SRC DST (jamba, llama, falcon_h1, hymba), or --to FORMAT SRC DST (jamba,
+                        falcon_h1)
     hf-memory presets   list the named configurations and their sources
 """
 
@@ -215,6 +216,8 @@ CONVERT_EPILOG = """examples:
   hf-memory convert --from jamba path/to/jamba-checkpoint jamba-hf-memory --license apache-2.0
   hf-memory convert --from llama path/to/llama-checkpoint infini-llama --set segment_size=2048
   hf-memory convert --to jamba jamba-hf-memory jamba-transformers
+  hf-memory convert --from falcon_h1 path/to/falcon-h1-checkpoint falcon-h1-hf-memory
+  hf-memory convert --from hymba path/to/Hymba-1.5B-Base hymba-hf-memory
 SRC is a local folder (download a Hub repository first: hf download REPO --local-dir DIR).
 """
 PRESETS_EPILOG = """example:
@@ -247,10 +250,11 @@ def add_convert_parser(commands) -> None:
     formats = conversion.add_mutually_exclusive_group(required=True)
     formats.add_argument("--from", dest="source_format", metavar="FORMAT",
                          help="format of SRC, written as hf-memory: jamba (transformers' Jamba -> hf-memory Jamba), "
-                              "llama (transformers' Llama -> Infini-attention)")
+                              "llama (transformers' Llama -> Infini-attention), falcon_h1 (transformers' Falcon-H1 "
+                              "-> hf-memory parallel hybrid), hymba (NVIDIA's published Hymba -> hf-memory Hymba)")
     formats.add_argument("--to", dest="target_format", metavar="FORMAT",
                          help="format to write from an hf-memory SRC: jamba (hf-memory Jamba, Mamba-1 mixers -> "
-                              "transformers' Jamba)")
+                              "transformers' Jamba), falcon_h1 (the Falcon-H1 layout -> transformers' Falcon-H1)")
     conversion.add_argument("source", metavar="SRC", help="local checkpoint folder holding config.json and weights")
     conversion.add_argument("destination", metavar="DST", help="folder to write (must be new or empty, or --force)")
     conversion.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

@@ -149,6 +149,9 @@ class HFMemoryConfig(PreTrainedConfig):
     transformers' post-init, then the architecture's ``validate_architecture()``."""
 
     layer_type_choices: ClassVar[tuple[str, ...]] = ()  # the layer types the architecture has; the first is the default
+    # muP factors on the embeddings and the logits (fields of the architectures that have them: Falcon-H1)
+    embedding_multiplier: ClassVar[float] = 1.0
+    lm_head_multiplier: ClassVar[float] = 1.0
 
     def __post_init__(self, **kwargs):
         reject_typos(type(self), kwargs)

@@ -217,8 +217,12 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         self.add_module(self.final_norm_name, RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         uses_rope = bool(self.rope_layer_types & set(config.layer_types))
         self.rotary_emb = RotaryEmbedding(config) if uses_rope else None
+        self.init_prefix(config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def init_prefix(self, config) -> None:
+        """The parameters of ``prepend_prefix`` (Hymba's meta tokens); none here."""
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -242,7 +246,7 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         self._check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids) * self.config.embedding_multiplier
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = self._check_cache(cache, inputs_embeds.shape[0])
@@ -251,17 +255,27 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         mask_2d = None if isinstance(attention_mask, dict) else attention_mask
         if position_ids is None:
             position_ids = positions_from_mask(mask_2d, inputs_embeds.shape[1], past or 0, inputs_embeds.device)
+        inputs_embeds, attention_mask, position_ids, output_index = self.prepend_prefix(
+            inputs_embeds, attention_mask, position_ids, past)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(inputs_embeds, position_ids)
         need_weights = kwargs.get("output_attentions", self.config.output_attentions)
         masks = self._mask_mapping(inputs_embeds, attention_mask, cache, position_ids, need_weights)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
+            hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type], position_ids=position_ids,
                                   position_embeddings=position_embeddings, cache=cache, **kwargs)
         hidden_states = self._modules[self.final_norm_name](hidden_states)
+        if output_index is not None:  # the input tokens' positions, without the prefix
+            hidden_states = hidden_states.gather(1, output_index[..., None].expand(-1, -1, hidden_states.shape[-1]))
         output_class = MoeModelOutputWithPast if "router_logits" in self._can_record_outputs else BaseModelOutputWithPast
         return output_class(last_hidden_state=hidden_states, cache=cache)
+
+    def prepend_prefix(self, inputs_embeds, attention_mask, position_ids, past):
+        """Learned vectors put before the tokens (Hymba's meta tokens): the architecture returns the extended
+        embeddings, 2-D mask and positions, and the index [B, T] of the input tokens among them (None when
+        nothing was added). None here."""
+        return inputs_embeds, attention_mask, position_ids, None
 
     def _mask_mapping(self, inputs_embeds, attention_mask, cache, position_ids, need_weights=False) -> dict:
         """The mask each layer type reads: transformers' 4-D masks for softmax attention, the 2-D padding mask
@@ -381,6 +395,8 @@ class HFMemoryForCausalLM(HFMemoryPreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        if self.config.lm_head_multiplier != 1.0:  # muP (Falcon-H1)
+            logits = logits * self.config.lm_head_multiplier
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

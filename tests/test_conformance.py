@@ -172,13 +172,22 @@ def test_dynamic_cache_from_config_holds_each_layers_state_in_fp32(preset):
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
     assert len(cache.layers) == model.config.num_hidden_layers
-    for layer_type, layer in zip(model.config.layer_types, cache.layers):
+    for i, (layer_type, layer) in enumerate(zip(model.config.layer_types, cache.layers)):
         if layer_type == "linear_attention":
             assert layer.recurrent_states[0].dtype == torch.float32
             assert layer.recurrent_states[0].shape[0] == 3
             assert layer.conv_states[0].shape[0] == 3
         elif layer_type == "sliding_attention":
             assert layer.keys.shape[-2] <= model.config.sliding_window
+        elif layer_type.startswith("parallel_"):  # SSM state + the attention heads' KV (meta tokens included)
+            assert layer.recurrent_states[0].dtype == torch.float32 and layer.conv_states[0].shape[0] == 3
+            meta = model.config.num_memory_tokens
+            if model.config.kv_source(i) != i:  # a KV consumer reads its producer's keys
+                assert layer.keys is None
+            elif layer_type == "parallel_sliding_attention":
+                assert layer.keys.shape[-2] <= meta + model.config.sliding_window - 1
+            else:
+                assert layer.keys.shape[-2] == meta + ids.shape[1]
         elif layer_type == "infini_attention":  # compressive memory + at most one segment of KV
             assert layer.memory.dtype == layer.norm.dtype == torch.float32
             assert layer.memory.shape[0] == 3 and layer.keys.shape[-2] <= model.config.segment_size
@@ -304,10 +313,12 @@ def test_output_hidden_states_set_in_the_config_at_load_is_honoured(preset, tmp_
     with torch.no_grad():
         out = model(ids)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
-    assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(ids))
+    # the first hidden state is the first layer's input: the embeddings (times a muP embedding_multiplier)
+    assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(ids) * model.config.embedding_multiplier)
 
 
-SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention"}
+SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention", "parallel_attention",
+                       "parallel_sliding_attention"}
 
 
 def test_output_attentions_returns_one_map_per_softmax_attention_layer(preset):

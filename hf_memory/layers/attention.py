@@ -96,9 +96,11 @@ def blockwise_sliding_attention(module, query, key, value, attention_mask, scali
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (Ainslie et al. 2023), RoPE unless ``use_rope=False``, and a
-    sliding window of ``config.sliding_window`` on ``"sliding_attention"`` layers."""
+    sliding window of ``config.sliding_window`` on ``"sliding_attention"`` layers. Values may be wider than
+    queries and keys (``config.attention_value_head_dim``, Hymba's heads)."""
 
-    def __init__(self, config, layer_idx: int, use_rope: bool = True):
+    def __init__(self, config, layer_idx: int, use_rope: bool = True, output_projection: bool = True,
+                 key_value_projections: bool = True):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -112,27 +114,44 @@ class Attention(nn.Module):
         self.is_causal = True
         self.attention_dropout = config.attention_dropout
         hidden, bias = config.hidden_size, config.attention_bias
+        self.value_head_dim = getattr(config, "attention_value_head_dim", None) or self.head_dim
+        self.key_multiplier = getattr(config, "key_multiplier", 1.0)  # Falcon-H1's muP factor on k
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if key_value_projections:  # without: the layer reads another layer's K and V (cross-layer KV sharing)
+            self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.value_head_dim, bias=bias)
+        # a parallel hybrid may fuse the heads' output with its SSM's before one shared projection
+        self.o_proj = nn.Linear(self.num_heads * self.value_head_dim, hidden, bias=bias) if output_projection else None
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+    def project(self, hidden_states, position_embeddings=None):
+        """q [B, H, T, d], k [B, H_kv, T, d] (RoPE applied), v [B, H_kv, T, d_v]; k and v are None in a layer
+        without key / value projections."""
         batch, length, _ = hidden_states.shape
+        cos, sin = position_embeddings if self.use_rope else (None, None)
         q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        q = apply_rotary(q, cos, sin) if self.use_rope else q
+        if not hasattr(self, "k_proj"):
+            return q, None, None
+        k = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2) * self.key_multiplier
+        k = apply_rotary(k, cos, sin) if self.use_rope else k
+        v = self.v_proj(hidden_states).view(batch, length, -1, self.value_head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, attention_mask, **kwargs):
+        """The ``config._attn_implementation`` attention of q over k, v: ([B, T, H * d_v], weights or None)."""
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        if self.sliding_window and (runs_blockwise(self.config, length) if attention_mask is None
+        if self.sliding_window and (runs_blockwise(self.config, q.shape[2]) if attention_mask is None
                                     else isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             attend = blockwise_sliding_attention
         out, weights = attend(
             self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
         )
-        return self.o_proj(out.reshape(batch, length, -1)), weights
+        return out.reshape(q.shape[0], q.shape[2], -1), weights
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out, weights = self.attend(q, k, v, attention_mask, **kwargs)
+        return self.o_proj(out), weights

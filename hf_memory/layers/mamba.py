@@ -41,6 +41,7 @@ class MambaMixer(nn.Module):
         inner_norms: bool = True,
         rms_norm_eps: float = 1e-6,
         use_fused_kernels: bool = True,
+        output_projection: bool = True,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -54,7 +55,8 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(time_step_rank, intermediate_size, bias=True)
         self.A_log = nn.Parameter(torch.zeros(intermediate_size, state_size))
         self.D = nn.Parameter(torch.ones(intermediate_size))
-        self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=proj_bias)
+        # a parallel hybrid (Hymba) may fuse y * SiLU(z) with its attention heads' output before one projection
+        self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=proj_bias) if output_projection else None
         if inner_norms:
             self.dt_layernorm = RMSNorm(time_step_rank, eps=rms_norm_eps)
             self.b_layernorm = RMSNorm(state_size, eps=rms_norm_eps)
@@ -95,8 +97,8 @@ class MambaMixer(nn.Module):
         y, state = selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D, state,
                                   use_fused_kernels=self.use_fused_kernels)
         store_recurrent_state(cache, self.layer_idx, conv_input, state, self.conv_kernel)
-        y = y * F.silu(z)
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype)), None
+        y = (y * F.silu(z)).transpose(1, 2).to(hidden_states.dtype)
+        return (y if self.out_proj is None else self.out_proj(y)), None
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -121,6 +123,9 @@ class Mamba2Mixer(nn.Module):
         (z, xBC, dt) = in_proj(h);  (x, B, C) = SiLU(causal depthwise conv(xBC))
         dt = softplus(dt + dt_bias);  A = -exp(A_log) (one scalar per head)
         h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T;  y_t = h_t C_t + D x_t;  out = out_proj(RMSNorm(y * SiLU(z)))
+
+    Falcon-H1's variant: ``projection_multipliers`` (its muP ``ssm_multipliers``) scale the z, x, B, C and dt
+    parts of in_proj(h); ``gated_norm=False`` drops the RMSNorm (out = out_proj(y * SiLU(z))).
     """
 
     def __init__(
@@ -137,6 +142,10 @@ class Mamba2Mixer(nn.Module):
         proj_bias: bool = False,
         rms_norm_eps: float = 1e-6,
         use_fused_kernels: bool = True,
+        output_projection: bool = True,
+        out_proj_bias: bool | None = None,
+        gated_norm: bool = True,
+        projection_multipliers: tuple[float, float, float, float, float] | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -150,8 +159,18 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
-        self.norm = GroupGatedRMSNorm(intermediate_size, intermediate_size // n_groups, eps=rms_norm_eps)
-        self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=proj_bias)
+        self.norm = GroupGatedRMSNorm(intermediate_size, intermediate_size // n_groups, eps=rms_norm_eps) if gated_norm else None
+        out_bias = proj_bias if out_proj_bias is None else out_proj_bias
+        self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=out_bias) if output_projection else None
+        self.multipliers = tuple(float(m) for m in projection_multipliers or (1.0,) * 5)
+        scaled = any(m != 1.0 for m in self.multipliers)
+        self.register_buffer("projection_multipliers", self.multiplier_vector() if scaled else None, persistent=False)
+
+    def multiplier_vector(self) -> torch.Tensor:
+        """The per-channel factors of in_proj's output: one multiplier each for z, x, B, C and dt."""
+        group_width = self.n_groups * self.state_size
+        widths = (self.intermediate_size, self.intermediate_size, group_width, group_width, self.num_heads)
+        return torch.cat([torch.full((w,), m) for w, m in zip(widths, self.multipliers)])
 
     def ssm_init_values(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> dict[str, torch.Tensor]:
         """Initial SSM parameters by name (Mamba-2): A ~ U[1, 16], D = 1, dt_bias = softplus^-1(dt)."""
@@ -165,7 +184,10 @@ class Mamba2Mixer(nn.Module):
             hidden_states = hidden_states * mask[..., None].to(hidden_states.dtype)
         conv_history, state = recurrent_state(cache, self.layer_idx)
 
-        z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], -1)
+        projected = self.in_proj(hidden_states)
+        if self.projection_multipliers is not None:
+            projected = projected * self.projection_multipliers.to(projected.dtype)
+        z, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], -1)
         conv_input = xBC.transpose(1, 2)  # [B, conv_dim, T]
         xBC = short_conv(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", history=conv_history,
                          use_fused_kernels=self.use_fused_kernels).transpose(1, 2)
@@ -183,5 +205,7 @@ class Mamba2Mixer(nn.Module):
             self.D, state, chunk_size=self.chunk_size, use_fused_kernels=self.use_fused_kernels,
         )
         store_recurrent_state(cache, self.layer_idx, conv_input, state, self.conv_kernel)
-        y = self.norm(y.reshape(batch, length, self.intermediate_size), z)
-        return self.out_proj(y.to(hidden_states.dtype)), None
+        y = y.reshape(batch, length, self.intermediate_size)
+        y = self.norm(y, z) if self.norm is not None else (y.float() * F.silu(z.float()))
+        y = y.to(hidden_states.dtype)
+        return (y if self.out_proj is None else self.out_proj(y)), None

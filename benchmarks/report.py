@@ -1,0 +1,21 @@
+"""What the benchmark scripts share: the seed-spread cells of an accuracy table and writing a table out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def spread_cells(accuracies: list[float]) -> str:
+    """``mean | min – max | a / b / c``: an accuracy over seeds as the README reports it."""
+    mean = sum(accuracies) / len(accuracies)
+    return (f"{mean:.1%} | {min(accuracies):.1%} – {max(accuracies):.1%} | "
+            f"{' / '.join(f'{a:.1%}' for a in accuracies)}")
+
+
+def emit(lines: list[str], output: str | None) -> None:
+    """Print the table and, when ``output`` is given, write it there (markdown)."""
+    table = "\n".join(lines)
+    print(table)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(table + "\n")

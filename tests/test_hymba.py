@@ -1,0 +1,191 @@
+"""The parallel hybrid (Hymba / Falcon-H1 layout): parity with transformers' Falcon-H1, meta tokens, the meta +
+window mask, cross-layer KV sharing and the bounded cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, random_ids
+from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, FalconH1ForCausalLM
+
+from hf_memory import cli
+from hf_memory.conversion.hymba import LAYER_NAMES
+from hf_memory.modeling.hymba.modeling_hymba import visible_keys
+
+TINY_FALCON_H1 = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
+    mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=False, projectors_bias=True, attention_in_multiplier=0.9,
+    key_multiplier=1.3, attention_out_multiplier=0.8, ssm_in_multiplier=1.1, ssm_out_multiplier=0.7,
+    ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9], mlp_multipliers=[1.2, 0.6], embedding_multiplier=2.0,
+    lm_head_multiplier=0.5, tie_word_embeddings=False, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _tiny_transformers_falcon_h1(seed=0, **overrides) -> FalconH1ForCausalLM:
+    torch.manual_seed(seed)
+    model = FalconH1ForCausalLM(FalconH1Config(**{**TINY_FALCON_H1, **overrides}, attn_implementation="eager")).eval()
+    with torch.no_grad():  # break the symmetric default init so that every weight matters
+        for name, parameter in model.named_parameters():
+            if any(key in name for key in ("A_log", ".D", "dt_bias", "norm", "bias")):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("gated_norm", [False, True])
+def test_convert_from_transformers_falcon_h1_reproduces_logits_and_greedy_generations(tmp_path, gated_norm):
+    source = _tiny_transformers_falcon_h1(mamba_rms_norm=gated_norm, mamba_norm_before_gate=False)
+    source.save_pretrained(tmp_path / "falcon")
+    assert cli.main(["convert", "--from", "falcon_h1", str(tmp_path / "falcon"), str(tmp_path / "ours")]) == 0
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert ours.config.model_type == "hfm_hymba" and ours.config.fusion == "sum"
+    ids = random_ids(ours.config, 2, 41)
+    with torch.no_grad():
+        expected, actual = source(ids).logits, ours(ids).logits
+    assert (expected - actual).abs().max().item() <= 1e-4
+    kwargs = dict(attention_mask=torch.ones_like(ids[:, :9]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(source.generate(ids[:, :9], **kwargs), ours.generate(ids[:, :9], **kwargs))
+
+
+def test_convert_to_transformers_falcon_h1_round_trips_bit_exactly(tmp_path):
+    ours = build("falcon-h1-tiny")
+    ours.save_pretrained(tmp_path / "ours")
+    assert cli.main(["convert", "--to", "falcon_h1", str(tmp_path / "ours"), str(tmp_path / "falcon")]) == 0
+    theirs = FalconH1ForCausalLM.from_pretrained(tmp_path / "falcon", attn_implementation="eager").eval()
+    ids = random_ids(ours.config, 2, 29)
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+    assert cli.main(["convert", "--from", "falcon_h1", str(tmp_path / "falcon"), str(tmp_path / "back")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    original = ours.state_dict()
+    assert set(back.state_dict()) == set(original)
+    assert all(torch.equal(tensor, original[name]) for name, tensor in back.state_dict().items())
+
+
+def test_converting_a_hymba_layout_to_falcon_h1_is_refused(tmp_path):
+    build("hymba-tiny").save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="Falcon-H1 layout"):
+        cli.main(["--debug", "convert", "--to", "falcon_h1", str(tmp_path / "ours"), str(tmp_path / "falcon")])
+
+
+def test_meta_tokens_never_reach_logits_or_hidden_states_but_change_them():
+    model = build("hymba-tiny")
+    ids = random_ids(model.config, 2, 13)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_attentions=True)
+        assert out.logits.shape[1] == 13
+        assert all(h.shape[1] == 13 for h in out.hidden_states)
+        assert all(a.shape[2] == 13 and a.shape[3] == 13 + model.config.num_memory_tokens for a in out.attentions)
+        model.model.memory_tokens.mul_(3.0)
+        assert (model(ids).logits - out.logits).abs().max() > 1e-3
+
+
+def test_sliding_window_queries_always_see_the_meta_tokens():
+    positions = torch.arange(12)[None]  # 4 meta tokens, then 8 tokens
+    bias = visible_keys(positions, positions, window=3, num_meta=4, dtype=torch.float32)[0, 0]
+    visible = bias == 0
+    for q in range(12):
+        expected = {k for k in range(q + 1) if k < 4 or q - k < 3}
+        assert {k for k in range(12) if visible[q, k]} == expected
+
+
+def test_a_kv_consumer_has_no_key_value_projections_and_reads_its_producers_keys():
+    model = build("hymba-tiny")
+    producer, consumer = (model.model.layers[i].mixer for i in (1, 2))
+    assert hasattr(producer.self_attn, "k_proj") and not hasattr(consumer.self_attn, "k_proj")
+    ids = random_ids(model.config, 1, 20)
+    with torch.no_grad():
+        before = model(ids).logits
+        producer.self_attn.k_proj.weight.mul_(2.0)  # only the producer's keys change ...
+        after = model(ids).logits
+    assert (after - before).abs().max() > 1e-4  # ... and the consumer (with the rest) sees it
+
+
+def test_cache_keeps_meta_tokens_plus_the_window_and_nothing_for_consumers():
+    model = build("hymba-tiny")
+    config = model.config
+    ids = random_ids(config, 2, 40)
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 40
+    M, window = config.num_memory_tokens, config.sliding_window
+    for i, layer in enumerate(cache.layers):
+        assert layer.recurrent_states[0].dtype == torch.float32
+        if config.kv_source(i) != i:
+            assert layer.keys is None
+        elif config.layer_types[i] == "parallel_sliding_attention":
+            assert layer.keys.shape[-2] == M + window - 1
+            assert torch.equal(layer.key_positions[0, :M], torch.arange(M))
+        else:
+            assert layer.keys.shape[-2] == M + 40
+
+
+def _published_hymba_folder(model, folder):
+    """Write ``model`` in NVIDIA's published layout: its config.json fields and parameter names, every layer's
+    q / k / v / x / z packed into ``mamba.in_proj`` (q / x / z in a KV consumer)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = model.config
+    inverse = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.layers."):
+            weights[name] = tensor.clone()
+            continue
+        index, key = name[len("model.layers."):].split(".", 1)
+        if key in inverse:
+            weights[f"model.layers.{index}.{inverse[key]}"] = tensor.clone()
+    for i, layer in enumerate(model.model.layers):
+        attention, parts = layer.mixer.self_attn, [layer.mixer.self_attn.q_proj.weight]
+        if hasattr(attention, "k_proj"):
+            parts += [attention.k_proj.weight, attention.v_proj.weight]
+        weights[f"model.layers.{i}.mamba.in_proj.weight"] = torch.cat(parts + [layer.mixer.mamba.in_proj.weight])
+    weights.pop("lm_head.weight", None)  # tied: the published file may omit it
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    published = dict(
+        model_type="hymba", architectures=["HymbaForCausalLM"], vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, kq_head_dim=config.head_dim, v_head_dim=-1,
+        attn_hidden_size=-1, mamba_expand=config.mamba_expand, mamba_d_state=config.mamba_d_state,
+        mamba_d_conv=config.mamba_d_conv, mamba_dt_rank=config.mamba_dt_rank, mamba_conv_bias=True,
+        mamba_proj_bias=False, mamba_inner_layernorms=True, num_memory_tokens=config.num_memory_tokens,
+        sliding_window=config.sliding_window - 1, global_attn_idx=[i for i, t in enumerate(config.layer_types)
+                                                                  if t == "parallel_attention"],
+        kv_reuse_group=config.kv_reuse_groups, rope=True, rope_type="ntk", rope_theta=10000.0,
+        max_position_embeddings=1024, orig_max_position_embeddings=256, kq_norm="none", num_experts=1,
+        mlp_hidden_act="silu", hidden_act="silu", tie_word_embeddings=True, rms_norm_eps=config.rms_norm_eps,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    (folder / "config.json").write_text(json.dumps(published))
+
+
+def test_convert_from_the_published_hymba_layout_maps_every_weight_and_keeps_the_logits(tmp_path):
+    ntk_theta = 10000.0 * (2 * 1024 / 256 - 1) ** (16 / 14)
+    model = build("hymba-tiny", tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                           "rope_theta": ntk_theta})
+    (tmp_path / "published").mkdir()
+    _published_hymba_folder(model, tmp_path / "published")
+    assert cli.main(["convert", "--from", "hymba", str(tmp_path / "published"), str(tmp_path / "ours")]) == 0
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert ours.config.sliding_window == model.config.sliding_window
+    assert ours.config.kv_reuse_groups == model.config.kv_reuse_groups
+    ids = random_ids(model.config, 2, 30)
+    with torch.no_grad():
+        assert (ours(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_a_published_hymba_in_proj_of_the_wrong_size_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "published").mkdir()
+    _published_hymba_folder(build("hymba-tiny", tie_word_embeddings=True), tmp_path / "published")
+    weights = load_file(str(tmp_path / "published" / "model.safetensors"))
+    weights["model.layers.2.mamba.in_proj.weight"] = weights["model.layers.1.mamba.in_proj.weight"].clone()
+    save_file(weights, str(tmp_path / "published" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mamba\.in_proj\.weight has \d+ rows"):
+        cli.main(["--debug", "convert", "--from", "hymba", str(tmp_path / "published"), str(tmp_path / "ours")])
