@@ -6,8 +6,9 @@ An architecture brings three things and nothing generic:
 * its config class (``layer_types`` names each layer's token mixer),
 * ``mixers``: a table ``layer type -> factory(config, layer_idx)`` of token mixers, each with the one mixer
   signature ``forward(hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs)``
-  returning ``(output, attention_weights or None)``,
-* optionally ``ffns`` (``mlp_layer_types`` entry -> factory) and the parameter names of its checkpoints.
+  returning ``(output, attention_weights or None)`` (``kwargs`` carry ``position_ids`` and the attention options),
+* optionally ``ffns`` (``mlp_layer_types`` entry -> factory), the parameter names of its checkpoints, and a
+  learned prefix (``init_prefix`` / ``prepend_prefix``: Hymba's meta tokens).
 
 Everything else — input checks, embeddings, cache creation and checks, positions, RoPE, the per-layer-type
 mask mapping (also the one ``generate`` passes), the layer loop, hidden-state / attention / router-logit

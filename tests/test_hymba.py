@@ -189,3 +189,26 @@ def test_a_published_hymba_in_proj_of_the_wrong_size_is_refused_by_name(tmp_path
     save_file(weights, str(tmp_path / "published" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model\.layers\.2\.mamba\.in_proj\.weight has \d+ rows"):
         cli.main(["--debug", "convert", "--from", "hymba", str(tmp_path / "published"), str(tmp_path / "ours")])
+
+
+def test_meta_tokens_equal_the_same_vectors_prepended_to_the_input_in_global_layers():
+    # with every layer global, the meta tokens are exactly M learned inputs before the text: loss, logits and
+    # every gradient equal those of the model without meta tokens fed [meta ; embeddings]
+    kwargs = dict(layer_types=["parallel_attention"] * 4)
+    with_meta = build("hymba-tiny", **kwargs).train()
+    without = build("hymba-tiny", num_memory_tokens=0, **kwargs).train()
+    without.load_state_dict({k: v for k, v in with_meta.state_dict().items() if "memory_tokens" not in k})
+    ids = random_ids(with_meta.config, 3, 20)
+    labels = ids.masked_fill(torch.arange(20) < 10, -100)
+    M = with_meta.config.num_memory_tokens
+    meta = with_meta.model.memory_tokens[None].expand(3, -1, -1)
+    ours = with_meta(ids, labels=labels)
+    reference = without(inputs_embeds=torch.cat([meta, without.model.embed_tokens(ids)], 1),
+                        labels=torch.cat([torch.full((3, M), -100), labels], 1))
+    assert (ours.logits - reference.logits[:, M:]).abs().max() <= 1e-6
+    ours.loss.backward()
+    reference.loss.backward()
+    references = dict(without.named_parameters())
+    for name, parameter in with_meta.named_parameters():
+        if name in references:
+            torch.testing.assert_close(parameter.grad, references[name].grad, rtol=1e-5, atol=1e-7)
