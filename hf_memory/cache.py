@@ -41,15 +41,22 @@ def store_recurrent_state(
     cache.update_recurrent_state(state.float(), layer_idx)
 
 
-def segment_state(cache: Cache | None, layer_idx: int) -> SegmentCacheLayer | None:
-    """The segment cache layer of ``layer_idx`` once it holds a state, else None (no cache, or first call)."""
+def own_cache_layer(cache: Cache | None, layer_idx: int, kind: type):
+    """The cache layer of ``layer_idx`` when it is the architecture's own ``kind`` of layer, else a clear error;
+    None without a cache."""
     if cache is None:
         return None
     layer = cache.layers[layer_idx]
-    if not isinstance(layer, SegmentCacheLayer):
-        raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a segment cache layer: build the "
+    if not isinstance(layer, kind):
+        raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a {kind.__name__}: build the "
                          "cache with DynamicCache(config=model.config) for this model")
-    return layer if layer.is_initialized else None
+    return layer
+
+
+def segment_state(cache: Cache | None, layer_idx: int) -> SegmentCacheLayer | None:
+    """The segment cache layer of ``layer_idx`` once it holds a state, else None (no cache, or first call)."""
+    layer = own_cache_layer(cache, layer_idx, SegmentCacheLayer)
+    return layer if layer is not None and layer.is_initialized else None
 
 
 def store_segment_state(cache: Cache | None, layer_idx: int, **state) -> None:

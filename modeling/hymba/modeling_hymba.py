@@ -20,6 +20,7 @@ from transformers import cache_utils
 from transformers import initialization as init
 from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
+from hf_memory.cache import own_cache_layer
 from hf_memory.layers.attention import Attention
 from hf_memory.layers.mamba import Mamba2Mixer, MambaMixer
 from hf_memory.layers.mlp import GatedMLP
@@ -201,8 +202,8 @@ class HymbaMixer(nn.Module):
         if self.kv_source != self.layer_idx:
             return shared_kv[self.kv_source]
         if cache is not None:
-            k, v, positions = cache.layers[self.layer_idx].update_attention(k, v, positions, self.window,
-                                                                            self.num_meta)
+            k, v, positions = own_cache_layer(cache, self.layer_idx, ParallelHybridCacheLayer).update_attention(
+                k, v, positions, self.window, self.num_meta)
         if self.shares_kv:
             shared_kv[self.layer_idx] = (k, v, positions)
         return k, v, positions
@@ -212,7 +213,7 @@ class HymbaMixer(nn.Module):
         config, length = self.config, hidden_states.shape[1]
         mask = padding_mask(attention_mask, length)
         if cache is not None:
-            cache.layers[self.layer_idx].count_tokens(length, self.num_meta)
+            own_cache_layer(cache, self.layer_idx, ParallelHybridCacheLayer).count_tokens(length, self.num_meta)
         positions = position_ids.expand(hidden_states.shape[0], -1)
         key_positions = positions if mask is None else positions.masked_fill(mask == 0, -1)
 
