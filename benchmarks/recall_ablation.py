@@ -49,8 +49,9 @@ ABLATIONS = {
 TRAINING = {
     "gated-deltanet-1layer-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),  # the demo
     "gated-deltanet-tiny": dict(pairs=4, steps=700, batch_size=64, lr=1e-2, recipe=DEMO_TRAINING),
-    "jamba-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
-    "jamba-mamba2-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe={}),
+    # the one-pair stage: without it the hybrid reached 97.0 / 94.9 / 35.3% on seeds 0-2, with it 99.9-100%
+    "jamba-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe=DEMO_TRAINING),
+    "jamba-mamba2-tiny": dict(pairs=8, steps=1000, batch_size=32, lr=3e-3, recipe=DEMO_TRAINING),
 }
 
 
