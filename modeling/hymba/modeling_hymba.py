@@ -303,13 +303,15 @@ class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
         outputs = super().forward(input_ids, attention_mask, *args, shared_kv={}, return_dict=True, **kwargs)
         batch, length = outputs.last_hidden_state.shape[:2]
         M = self.config.num_memory_tokens
+        if not M or (outputs.hidden_states is None and outputs.attentions is None):
+            return outputs if return_dict is not False else outputs.to_tuple()
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        if M and mask is not None:
+        if mask is not None:
             mask = torch.cat([mask.new_ones(batch, M), mask], dim=-1)
-        index = meta_layout(mask, batch, length, M)[1] if M else None
+        index = meta_layout(mask, batch, length, M)[1]
 
         def text_only(x, dim):  # drop the meta-token positions a prefill added along ``dim``
-            if index is None or x.shape[dim] != length + M:
+            if x.shape[dim] != length + M:
                 return x
             shape = [1] * x.dim()
             shape[0], shape[dim] = batch, length
