@@ -94,12 +94,18 @@ def test_a_kv_consumer_has_no_key_value_projections_and_reads_its_producers_keys
     model = build("hymba-tiny")
     producer, consumer = (model.model.layers[i].mixer for i in (1, 2))
     assert hasattr(producer.self_attn, "k_proj") and not hasattr(consumer.self_attn, "k_proj")
-    ids = random_ids(model.config, 1, 20)
+    # the producer leaves its K, V in ``shared_kv``; the consumer's output follows them, its input held fixed
+    hidden = torch.randn(1, 12, model.config.hidden_size)
+    positions = torch.arange(12)[None]
+    embeddings = model.model.rotary_emb(hidden, positions)
+    shared = {}
     with torch.no_grad():
-        before = model(ids).logits
-        producer.self_attn.k_proj.weight.mul_(2.0)  # only the producer's keys change ...
-        after = model(ids).logits
-    assert (after - before).abs().max() > 1e-4  # ... and the consumer (with the rest) sees it
+        producer(hidden, position_embeddings=embeddings, position_ids=positions, shared_kv=shared)
+        keys, values, key_positions = shared[1]
+        out, _ = consumer(hidden, position_embeddings=embeddings, position_ids=positions, shared_kv=shared)
+        shared[1] = (keys * 2.0, values, key_positions)
+        changed, _ = consumer(hidden, position_embeddings=embeddings, position_ids=positions, shared_kv=shared)
+    assert (out - changed).abs().max() > 1e-4
 
 
 def test_cache_keeps_meta_tokens_plus_the_window_and_nothing_for_consumers():
