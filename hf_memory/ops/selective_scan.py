@@ -48,51 +48,57 @@ def selective_scan_sequential(
 
 
 class _StepwiseScan(torch.autograd.Function):
-    """The recurrence stepped over time with a hand-written backward: each step touches one [B, D, N] state,
-    and autograd records one node instead of a graph per step, so it trains fast on CPU."""
+    """The recurrence stepped over time with a hand-written backward. Everything that does not depend on the
+    previous state (the decays exp(Delta_t A), the drives Delta_t B_t x_t, the read-outs C_t^T h_t and every
+    gradient but the state's) is computed for all t at once; the loops carry only h_t = a_t h_{t-1} + b_t
+    forward and its adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} backward, one [B, D, N] multiply-add per step,
+    and autograd records one node, so it trains fast on CPU."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, initial_state):
         dtype = torch.promote_types(u.dtype, torch.float32)
         u_, delta_, A_, B_, C_ = (t.to(dtype) for t in (u, delta, A, B, C))
         batch, channels, length = u_.shape
+        # time-major [T, B, D, N]: each step reads and writes contiguous memory
+        decay = torch.exp(delta_.permute(2, 0, 1)[..., None] * A_)  # a_t = exp(Delta_t A)
+        drive = (delta_ * u_).permute(2, 0, 1)[..., None] * B_.permute(2, 0, 1)[:, :, None, :]  # b_t
         state = u_.new_zeros(batch, channels, A_.shape[1]) if initial_state is None else initial_state.to(dtype)
-        states = u_.new_empty(batch, channels, A_.shape[1], length)
-        y = u_.new_empty(batch, channels, length)
+        states = torch.empty_like(drive)
         for t in range(length):
-            state = torch.exp(delta_[:, :, t, None] * A_) * state + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
-            states[..., t] = state
-            y[:, :, t] = torch.einsum("bdn,bn->bd", state, C_[:, :, t])
+            state = torch.addcmul(drive[t], decay[t], state)
+            states[t] = state
+        y = torch.einsum("tbdn,bnt->bdt", states, C_)  # y_t = C_t^T h_t
         if D is not None:
             y = y + D.to(dtype)[None, :, None] * u_
-        ctx.save_for_backward(u_, delta_, A_, B_, C_, D, initial_state, states)
+        ctx.save_for_backward(u_, delta_, A_, B_, C_, D, initial_state, states, decay)
         return y.to(u.dtype), state
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
-        u, delta, A, B, C, D, initial_state, states = ctx.saved_tensors
+        u, delta, A, B, C, D, initial_state, states, decay = ctx.saved_tensors
         grad_y = grad_y.to(u.dtype)
-        grad_state = u.new_zeros(states.shape[:3]) if grad_final is None else grad_final.to(u.dtype).clone()
-        first_state = u.new_zeros(states.shape[:3]) if initial_state is None else initial_state.to(u.dtype)
-        grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(t) for t in (u, delta, B, C))
-        grad_A = torch.zeros_like(A)
-        for t in range(u.shape[-1] - 1, -1, -1):
-            previous = states[..., t - 1] if t > 0 else first_state
-            grad_state = grad_state + grad_y[:, :, t, None] * C[:, None, :, t]  # from y_t = C_t . h_t
-            grad_C[:, :, t] = torch.einsum("bd,bdn->bn", grad_y[:, :, t], states[..., t])
-            decay = torch.exp(delta[:, :, t, None] * A)
-            grad_log_decay = grad_state * previous * decay  # d/d(Delta A) of exp(Delta A) h_{t-1}
-            grad_drive = torch.einsum("bdn,bn->bd", grad_state, B[:, :, t])  # d/d(Delta u) of Delta u B
-            grad_B[:, :, t] = torch.einsum("bdn,bd->bn", grad_state, delta[:, :, t] * u[:, :, t])
-            grad_delta[:, :, t] = (grad_log_decay * A).sum(-1) + grad_drive * u[:, :, t]
-            grad_A += torch.einsum("bdn,bd->dn", grad_log_decay, delta[:, :, t])
-            grad_u[:, :, t] = grad_drive * delta[:, :, t]
-            grad_state = grad_state * decay  # on to h_{t-1}
+        length = u.shape[-1]
+        # g_t = dL/dh_t: the read-out's share C_t dy_t, plus g_{t+1} carried back through a_{t+1}
+        grad_states = torch.einsum("bdt,bnt->tbdn", grad_y, C)
+        grad_state = u.new_zeros(states.shape[1:]) if grad_final is None else grad_final.to(u.dtype)
+        for t in range(length - 1, -1, -1):
+            grad_state = grad_states[t].add_(grad_state)
+            if t > 0:
+                grad_state = grad_state * decay[t]
+        first_state = u.new_zeros(states.shape[1:]) if initial_state is None else initial_state.to(u.dtype)
+        previous = torch.cat([first_state[None], states[:-1]])  # h_{t-1}
+        grad_C = torch.einsum("bdt,tbdn->bnt", grad_y, states)
+        grad_log_decay = grad_states * previous * decay  # d/d(Delta_t A) of a_t h_{t-1}
+        grad_drive = torch.einsum("tbdn,bnt->bdt", grad_states, B)  # d/d(Delta_t x_t) of Delta_t x_t B_t
+        grad_B = torch.einsum("tbdn,bdt->bnt", grad_states, delta * u)
+        grad_delta = torch.einsum("tbdn,dn->bdt", grad_log_decay, A) + grad_drive * u
+        grad_A = torch.einsum("tbdn,bdt->dn", grad_log_decay, delta)
+        grad_u = grad_drive * delta
         grad_D = None
         if D is not None:
             grad_u = grad_u + grad_y * D.to(u.dtype)[None, :, None]
             grad_D = (grad_y * u).sum((0, 2))
-        grad_initial = None if initial_state is None else grad_state
+        grad_initial = None if initial_state is None else grad_states[0] * decay[0]
         return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_initial
 
 
