@@ -31,6 +31,7 @@ FUSED_KERNELS: dict[str, tuple[str, str]] = {
     "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
     "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
     "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+    "flex_attention": ("hf_memory.ops.position_masked_attention", "compiled_flex_attention"),
     # the project's own Triton kernels
     "compressive_memory_retrieve": ("hf_memory.ops.triton_memory", "memory_retrieve"),
     "compressive_memory_write": ("hf_memory.ops.triton_memory", "memory_write"),

@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, Fal
 
 from hf_memory import cli
 from hf_memory.conversion.hymba import LAYER_NAMES
-from hf_memory.modeling.hymba.modeling_hymba import visible_keys
+from hf_memory.layers.attention import eager_attention
+from hf_memory.ops.position_masked_attention import additive_position_mask, flex_position_attention, position_mask
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 TINY_FALCON_H1 = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -83,11 +86,80 @@ def test_meta_tokens_never_reach_logits_or_hidden_states_but_change_them():
 
 def test_sliding_window_queries_always_see_the_meta_tokens():
     positions = torch.arange(12)[None]  # 4 meta tokens, then 8 tokens
-    bias = visible_keys(positions, positions, window=3, num_meta=4, dtype=torch.float32)[0, 0]
-    visible = bias == 0
+    visible = position_mask(positions, positions, window=3, num_sinks=4)[0]
     for q in range(12):
         expected = {k for k in range(q + 1) if k < 4 or q - k < 3}
         assert {k for k in range(12) if visible[q, k]} == expected
+
+
+def _masked_attention_inputs(device="cpu", length=19, pads=(0, 5)):
+    """GQA (4 query heads, 2 KV heads), values wider than keys, rows left-padded by ``pads``, 3 meta tokens."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(len(pads), h, length, 16, generator=generator) for h in (4, 2))
+    v = torch.randn(len(pads), 2, length, 32, generator=generator)
+    positions = torch.stack([(torch.arange(length) - p).clamp(min=-1) for p in pads])
+    return [t.to(device) for t in (q, k, v, positions)]
+
+
+def _reference_masked_attention(q, k, v, positions, window, num_sinks):
+    bias = additive_position_mask(positions, positions, window, num_sinks, q.dtype)
+    return eager_attention(torch.nn.Module(), q, k, v, bias, scaling=0.25)[0]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_attention_with_the_position_block_mask_equals_the_additive_mask_reference(window):
+    """The block mask is built from the same predicate: uncompiled flex attention (forward only on CPU) gives the
+    reference's output on every real query of left-padded rows."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v, positions = _masked_attention_inputs()
+    reference = _reference_masked_attention(q, k, v, positions, window, num_sinks=3)
+    flex = flex_position_attention(flex_attention, q, k, v, positions, positions.masked_fill(positions < 0, -1),
+                                   window, 3, scaling=0.25)
+    real = positions >= 0
+    assert flex.shape == reference.shape == (2, 19, 4, 32)
+    torch.testing.assert_close(flex[real], reference[real], rtol=1e-5, atol=1e-5)
+    dropped = window is not None and (reference[0, -1] - _reference_masked_attention(
+        q, k, v, positions, window, num_sinks=0)[0, -1]).abs().max() > 1e-3
+    assert window is None or dropped  # the meta tokens matter to the last query
+
+
+@gpu
+@pytest.mark.parametrize("window", [None, 4])
+def test_compiled_flex_attention_matches_the_reference_forward_and_backward_on_cuda(window):
+    from hf_memory.ops.position_masked_attention import compiled_flex_attention
+
+    q, k, v, positions = _masked_attention_inputs("cuda", length=300, pads=(0, 37))
+    real = (positions >= 0)[:, :, None, None]
+    outputs = []
+    for attention in ("reference", "flex"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        if attention == "flex":
+            out = flex_position_attention(compiled_flex_attention, *inputs, positions, positions, window, 3, 0.25)
+        else:
+            out = _reference_masked_attention(*inputs, positions, window, 3)
+        (out * real).square().sum().backward()
+        outputs.append((out * real, *(t.grad for t in inputs)))
+    for fused, reference in zip(*outputs):
+        torch.testing.assert_close(fused, reference, rtol=2e-3, atol=2e-3)
+
+
+@gpu
+def test_hymba_trains_the_same_with_flex_attention_as_with_the_reference_on_cuda():
+    """Left-padded batch through hymba-tiny on CUDA: logits and every gradient agree with fused kernels on (flex
+    attention, mamba-ssm where installed) and off."""
+    models = [build("hymba-tiny", use_fused_kernels=flag).cuda() for flag in (True, False)]
+    ids = random_ids(models[0].config, 2, 40).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    results = []
+    for model in models:
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        results.append((out.logits[mask.bool()], {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-3, atol=1e-3)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-3, msg=name)
 
 
 def test_a_kv_consumer_has_no_key_value_projections_and_reads_its_producers_keys():

@@ -7,9 +7,10 @@ fixed-size state, both on the same input (section 2.1, figure 2). Hymba fuses by
 outputs (eq. 3), prepends learned meta tokens that every query sees (section 2.2) and shares KV between
 adjacent layers (section 2.3); Falcon-H1 sums the two outputs with muP multipliers.
 
-The attention mask is built from token positions, not slots: a key is visible when it is real, not after the
-query, and within the window or a meta token. So a left-padded row equals the same row unpadded, and the cache
-can keep the meta-token KV pinned in front of the last window.
+The attention mask is built from token positions, not slots (``hf_memory.ops.position_masked_attention``): a key
+is visible when it is real, not after the query, and within the window or a meta token. So a left-padded row
+equals the same row unpadded, and the cache can keep the meta-token KV pinned in front of the last window. On
+CUDA it runs as flex attention with a block mask.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 from hf_memory.cache import own_cache_layer
+from hf_memory.kernels import fused_kernel
 from hf_memory.layers.attention import Attention
 from hf_memory.layers.mamba import Mamba2Mixer, MambaMixer
 from hf_memory.layers.mlp import GatedMLP
 from hf_memory.layers.norms import RMSNorm
+from hf_memory.ops.position_masked_attention import additive_position_mask, flex_position_attention
 from hf_memory.modeling_utils import (
     HFMemoryForCausalLM,
     HFMemoryModel,
@@ -136,18 +139,6 @@ for _layer_type in LAYER_TYPES:  # bounded or not, the same layer serves dynamic
     cache_utils.STATIC_LAYER_TYPE_MAPPING[_layer_type] = ParallelHybridCacheLayer
 
 
-def visible_keys(query_positions, key_positions, window: int | None, num_meta: int, dtype) -> torch.Tensor:
-    """Additive mask [B, 1, T, S]: key j is visible to query i when it is real (position >= 0), not after it,
-    and within the window (``q - k < window``, so ``window`` keys including the query's own) or a meta token
-    (position < ``num_meta``: Hymba's SWA mask ``causal AND (in window OR meta)``)."""
-    q, k = query_positions[:, :, None], key_positions[:, None, :]
-    visible = (k >= 0) & (k <= q)
-    if window is not None:
-        visible = visible & ((q - k < window) | (k < num_meta))
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-        ~visible, torch.finfo(dtype).min)[:, None]
-
-
 def build_ssm(config: HymbaConfig, layer_idx: int) -> nn.Module:
     """The SSM heads: Mamba-1 with inner norms (Hymba) or Mamba-2 (Falcon-H1), with their own output projection
     only when the fusion is a sum."""
@@ -208,6 +199,20 @@ class HymbaMixer(nn.Module):
             shared_kv[self.layer_idx] = (k, v, positions)
         return k, v, positions
 
+    def attend(self, q, k, v, positions, key_positions, **kwargs):
+        """Attention under the meta-token + window mask of positions (``position_masked_attention``): flex
+        attention with a block mask on CUDA where the fused kernels are on, the configured eager / sdpa attention
+        with the additive mask (the definition) otherwise or when attention maps are asked for."""
+        need_weights = kwargs.get("output_attentions", self.config.output_attentions)
+        flex = None if need_weights or self.config._attn_implementation == "eager" else fused_kernel(
+            "flex_attention", q, k, v, use_fused_kernels=self.config.use_fused_kernels)
+        if flex is not None:
+            out = flex_position_attention(flex, q, k, v, positions, key_positions, self.window, self.num_meta,
+                                          self.self_attn.scaling)
+            return out.reshape(q.shape[0], q.shape[2], -1), None
+        bias = additive_position_mask(positions, key_positions, self.window, self.num_meta, q.dtype)
+        return self.self_attn.attend(q, k, v, bias, **kwargs)
+
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, position_ids=None,
                 shared_kv=None, **kwargs):
         config, length = self.config, hidden_states.shape[1]
@@ -219,8 +224,7 @@ class HymbaMixer(nn.Module):
 
         q, k, v = self.self_attn.project(hidden_states * config.attention_in_multiplier, position_embeddings)
         k, v, key_positions = self.attention_keys(k, v, key_positions, cache, shared_kv)
-        bias = visible_keys(positions, key_positions, self.window, self.num_meta, q.dtype)
-        attended, weights = self.self_attn.attend(q, k, v, bias, **kwargs)
+        attended, weights = self.attend(q, k, v, positions, key_positions, **kwargs)
         scanned = None
         if self.mamba is not None:
             scanned, _ = self.mamba(hidden_states * config.ssm_in_multiplier, attention_mask=mask, cache=cache)
@@ -252,7 +256,7 @@ class HymbaPreTrainedModel(HFMemoryPreTrainedModel):
     final_norm_name = "final_layernorm"
     rope_layer_types = frozenset(LAYER_TYPES)
     _no_split_modules = ["HymbaDecoderLayer"]
-    _supports_flash_attn = False  # the meta-token + window mask is an explicit 4-D mask: eager and sdpa
+    _supports_flash_attn = False  # the meta-token + window mask: eager / sdpa with a 4-D mask, flex on CUDA
     _can_record_outputs = {"hidden_states": HymbaDecoderLayer, "attentions": HymbaMixer}
 
     def _init_weights(self, module):
