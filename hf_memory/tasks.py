@@ -55,6 +55,10 @@ class MQARSpec:
             return f"key {token - FIRST_KEY}"
         return ("pad", "bos", "eos")[token]
 
+    def stage(self, num_pairs: int) -> "MQARSpec":
+        """The easier task of a curriculum stage: ``num_pairs`` pairs, all queried."""
+        return replace(self, num_pairs=num_pairs, num_queries=num_pairs)
+
     def check(self) -> None:
         if self.num_keys < self.num_pairs:
             raise ValueError(
@@ -117,13 +121,14 @@ def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int,
     then a ``"constant"`` or ``"cosine"`` (to 0 at the end) learning rate; returns the training losses.
     ``parameters`` may be optimizer parameter groups (default: all parameters).
 
-    ``curriculum`` (MQAR only): ``(num_pairs, steps)`` stages trained first, within the ``steps`` budget, each
-    with a fresh optimizer and warmup. With one pair the answer is the one value in the context, so the model
-    learns to write values to its memory and read them back before it must also match keys."""
+    ``curriculum``: ``(level, steps)`` stages trained first, within the ``steps`` budget, each with a fresh
+    optimizer and warmup, on ``spec.stage(level)``: MQAR with ``level`` pairs (with one pair the answer is the one
+    value in the context, so the model learns to write values to its memory and read them back before it must
+    also match keys), passkey with ``level`` segments (the needle nearer the question)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    stages = [(replace(spec, num_pairs=pairs, num_queries=pairs), n) for pairs, n in scaled_curriculum(curriculum, steps)]
+    stages = [(spec.stage(level), n) for level, n in scaled_curriculum(curriculum, steps)]
     stages.append((spec, steps - sum(n for _, n in stages)))
     bar = tqdm(total=steps, desc=f"training on {type(spec).__name__[:-4]}", unit="step", disable=not progress)
     losses = []
@@ -143,7 +148,7 @@ def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int,
 
 
 def scaled_curriculum(curriculum, steps: int) -> list[tuple[int, int]]:
-    """The ``(num_pairs, steps)`` stages as run within a budget of ``steps``: shrunk in proportion when they would
+    """The ``(level, steps)`` stages as run within a budget of ``steps``: shrunk in proportion when they would
     take more than half of it (a short run still ends on the full task)."""
     planned = sum(n for _, n in curriculum)
     scale = min(1.0, steps / 2 / planned) if planned else 1.0
@@ -190,6 +195,10 @@ class PasskeySpec:
     @property
     def first_passkey(self) -> int:
         return self.vocab_size // 2
+
+    def stage(self, num_segments: int) -> "PasskeySpec":
+        """The easier task of a curriculum stage: ``num_segments`` segments, so the needle is nearer the question."""
+        return replace(self, num_segments=num_segments)
 
 
 KEY, QUERY, FIRST_FILLER = 3, 4, 5
