@@ -118,7 +118,8 @@ class SegmentCacheLayer(cache_utils.CacheLayerMixin):
     def _map_tensors(self, fn) -> None:
         if self.is_initialized:
             for name in (*self.state_names, "count"):
-                setattr(self, name, fn(getattr(self, name)))
+                if getattr(self, name) is not None:  # a state the configuration does not use
+                    setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -191,6 +191,15 @@ def test_dynamic_cache_from_config_holds_each_layers_state_in_fp32(preset):
         elif layer_type == "infini_attention":  # compressive memory + at most one segment of KV
             assert layer.memory.dtype == layer.norm.dtype == torch.float32
             assert layer.memory.shape[0] == 3 and layer.keys.shape[-2] <= model.config.segment_size
+        elif layer_type == "recurrent_memory_attention":  # memory + KV of [read memory ; one segment]
+            m, hidden = model.config.num_memory_tokens, model.config.hidden_size
+            if model.config.memory_type == "armt":  # an associative matrix per layer, no read memory tokens
+                assert layer.associations.dtype == layer.normalizer.dtype == torch.float32
+                assert layer.associations.shape[0] == 3 and layer.associations.shape[-1] == hidden
+                assert layer.memory is None and layer.keys.shape[-2] == model.config.segment_size
+            else:
+                assert layer.memory.dtype == torch.float32 and layer.memory.shape == (3, m, hidden)
+                assert layer.keys.shape[-2] == m + model.config.segment_size
         else:
             assert layer.keys.shape[-2] == ids.shape[1]
 
@@ -317,8 +326,8 @@ def test_output_hidden_states_set_in_the_config_at_load_is_honoured(preset, tmp_
     assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(ids) * model.config.embedding_multiplier)
 
 
-SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention", "parallel_attention",
-                       "parallel_sliding_attention"}
+SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention", "recurrent_memory_attention",
+                       "parallel_attention", "parallel_sliding_attention"}
 
 
 def test_output_attentions_returns_one_map_per_softmax_attention_layer(preset):
