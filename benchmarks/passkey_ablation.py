@@ -1,8 +1,9 @@
-"""Passkey retrieval across segments: a tiny Infini-attention model against the same model with its memory
-disabled (local attention within each segment only), same seed, batches and budget. Accuracy is reported
-by the segment that holds the needle (always an earlier segment than the question).
+"""Passkey retrieval across segments: a tiny segment-wise model (Infini-attention, RMT) against the same model
+with its memory disabled (each segment read alone), same seed, batches and budget. Accuracy is reported by
+the segment that holds the needle (always an earlier segment than the question).
 
-    python benchmarks/passkey_ablation.py
+    python benchmarks/passkey_ablation.py --preset infini-attention-tiny
+    python benchmarks/passkey_ablation.py --preset rmt-tiny --segments 9
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from report import emit, spread_cells
 # ``train_recall`` settings beyond lr, steps and batch size (warmup, decay, betas, weight_decay)
 RECIPE = {}
 
-VARIANTS = {"Infini-attention (memory on)": {"use_memory": True}, "local attention only (memory off)": {"use_memory": False}}
+MEMORY_OFF = {"memory off (each segment read alone)": {"use_memory": False}}
+VARIANTS = {  # architecture -> variant -> config overrides
+    "infini_attention": {"Infini-attention (memory on)": {"use_memory": True}, **MEMORY_OFF},
+    "rmt": {"RMT": {"memory_type": "rmt"}, "ARMT (associative memory)": {"memory_type": "armt"}, **MEMORY_OFF},
+}
 
 
 @torch.no_grad()
@@ -41,8 +46,9 @@ def train_variant(args, overrides: dict, seed: int) -> dict:
     test = passkey_batch(spec, 1024, torch.Generator().manual_seed(10_000 + seed))
     model = AutoModelForCausalLM.from_config(config)
     start = time.perf_counter()
-    groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr)
-    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, seed, False, groups, **RECIPE)
+    groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr) if hasattr(model, "memory_parameter_groups") else None
+    losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, seed, False, groups,
+                          curriculum=args.curriculum, **RECIPE)
     overall, by_segment = accuracy_by_segment(model, test)
     return dict(accuracy=overall, by_segment=by_segment, loss=losses[-1], seconds=time.perf_counter() - start,
                 config=config, chance=1 / (config.vocab_size - spec.first_passkey))
@@ -57,6 +63,11 @@ def summary_row(variant: str, runs: list[dict]) -> str:
             f"{sum(run['seconds'] for run in runs) / len(runs):.0f} |")
 
 
+def stage(text: str) -> tuple[int, int]:
+    segments, _, steps = text.partition(":")
+    return int(segments), int(steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="infini-attention-tiny")
@@ -64,27 +75,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--gate-lr", type=float, default=3e-2)
+    parser.add_argument("--gate-lr", type=float, default=3e-2, help="Infini-attention's memory gates")
+    parser.add_argument("--curriculum", type=stage, nargs="*", default=[], metavar="SEGMENTS:STEPS",
+                        help="stages trained first on fewer segments, e.g. 3:100 5:100")
+    parser.add_argument("--variants", nargs="*", default=[], help="only the variants whose name contains one of these")
     parser.add_argument("--seeds", type=int, default=3, help="train every variant from seeds 0 .. SEEDS-1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model gains little from more)")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    runs = {variant: [] for variant in VARIANTS}
+    variants = {name: overrides for name, overrides in VARIANTS[hf_memory.PRESETS[args.preset].architecture].items()
+                if not args.variants or any(word.lower() in name.lower() for word in args.variants)}
+    runs = {variant: [] for variant in variants}
     for seed in range(args.seeds):
-        for variant, overrides in VARIANTS.items():
+        for variant, overrides in variants.items():
             runs[variant].append(train_variant(args, overrides, seed))
             run = runs[variant][-1]
             print(f"seed {seed} | {variant} | {run['accuracy']:.1%} | loss {run['loss']:.3f} | "
                   f"{run['seconds']:.0f} s", flush=True)
     config = run["config"]
     header = " | ".join(f"needle in segment {s}" for s in range(args.segments - 1))
-    recipe = ", ".join(f"{k} {v}" for k, v in RECIPE.items())
+    recipe = ", ".join([f"{k} {v}" for k, v in RECIPE.items()]
+                       + [f"first {n} steps on {segments} segments" for segments, n in args.curriculum])
+    memory = (f"{config.memory_update} memory update, gates lr {args.gate_lr}" if config.model_type == "hfm_infini_attention"
+              else f"{config.num_memory_tokens} memory tokens")
     emit([
-        f"Passkey retrieval, preset {args.preset} ({config.memory_update} memory update): {args.segments} segments of "
+        f"Passkey retrieval, preset {args.preset} ({memory}): {args.segments} segments of "
         f"{config.segment_size} tokens, the question in the last one; {args.steps} steps x {args.batch_size}, "
-        f"lr {args.lr} (gates {args.gate_lr}){', ' + recipe if recipe else ''}, seeds 0-{args.seeds - 1}, "
+        f"lr {args.lr}{', ' + recipe if recipe else ''}, seeds 0-{args.seeds - 1}, "
         f"{args.threads} thread(s); chance {run['chance']:.1%}. Accuracy by needle segment is the mean over seeds.",
         "",
         f"| variant | accuracy, mean | range (min – max) | per seed | {header} | final train loss, mean "

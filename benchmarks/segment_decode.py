@@ -1,11 +1,13 @@
-"""Decode cost of Infini-attention against a Llama of the same size (converted from it, same weights) at
-1K and 8K tokens of context, on CPU: time per decoded token, cache size, and the peak memory of the
-process (each measurement runs in its own process so that peaks do not mix).
+"""Decode cost of a segment-wise memory model (Infini-attention, RMT, ARMT) against a Llama of the same size
+(converted from it, same weights) at 1K and 8K tokens of context, on CPU: time per decoded token, cache size,
+and the peak memory of the process (each measurement runs in its own process so that peaks do not mix).
 
-    python benchmarks/infini_decode.py
+    python benchmarks/segment_decode.py --architecture infini_attention
+    python benchmarks/segment_decode.py --architecture rmt
+    python benchmarks/segment_decode.py --architecture armt
 
-Infini-attention keeps at most one segment of KV plus a fixed-size memory per layer, so its numbers
-should stay flat as the context grows; the Llama's KV cache grows with it.
+These keep at most one segment of KV plus a fixed-size memory per layer, so their numbers should stay flat as
+the context grows; the Llama's KV cache grows with it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ SIZE = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_
             num_key_value_heads=2, max_position_embeddings=16384)
 
 
+NAMES = {"infini_attention": "Infini-attention", "rmt": "RMT (16 memory tokens)", "armt": "ARMT (16 memory tokens)"}
+
+
 def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
@@ -36,7 +41,7 @@ def cache_bytes(cache) -> int:
 
 def measure(kind: str, folder: str, context: int, new_tokens: int) -> dict:
     """Prefill ``context`` tokens, then decode ``new_tokens`` greedily; runs inside a fresh process."""
-    import hf_memory  # noqa: F401  (registers the Infini-attention classes)
+    import hf_memory  # noqa: F401  (registers the hf-memory classes)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(f"{folder}/{kind}", attn_implementation="sdpa").eval()
@@ -55,11 +60,12 @@ def measure(kind: str, folder: str, context: int, new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--architecture", default="infini_attention", choices=sorted(NAMES))
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--segment-size", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="processes per measurement; the median is shown")
-    parser.add_argument("--output", default="benchmarks/results/infini_decode.md")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/<architecture>_decode.md")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -75,8 +81,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SIZE)).save_pretrained(f"{folder}/llama")
-        convert_from_llama(f"{folder}/llama", f"{folder}/infini", segment_size=args.segment_size)
-        for kind in ("llama", "infini"):
+        options = dict(architecture="rmt", memory_type=args.architecture) if args.architecture != "infini_attention" else {}
+        convert_from_llama(f"{folder}/llama", f"{folder}/memory", segment_size=args.segment_size, **options)
+        for kind in ("llama", "memory"):
             for context in args.contexts:
                 runs = []
                 for _ in range(args.repeats):  # separate processes: timings on a shared CPU vary by ~20%
@@ -84,7 +91,7 @@ def main() -> None:
                                              str(args.new_tokens)], capture_output=True, text=True, check=True)
                     runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 numbers = sorted(runs, key=lambda run: run["ms_per_token"])[len(runs) // 2]
-                name = "Llama (full KV cache)" if kind == "llama" else f"Infini-attention (segment {args.segment_size})"
+                name = "Llama (full KV cache)" if kind == "llama" else f"{NAMES[args.architecture]} (segment {args.segment_size})"
                 rows.append(f"| {name} | {context} | {numbers['ms_per_token']:.2f} | {numbers['cache_mib']:.2f} | "
                             f"{numbers['peak_rss_mib']:.0f} |")
                 print(rows[-1], flush=True)
@@ -98,8 +105,9 @@ def main() -> None:
         *rows,
     ])
     print(table)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(table + "\n")
+    output = Path(args.output or f"benchmarks/results/{args.architecture}_decode.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table + "\n")
 
 
 if __name__ == "__main__":
