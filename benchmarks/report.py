@@ -1,8 +1,20 @@
-"""What the benchmark scripts share: the seed-spread cells of an accuracy table and writing a table out."""
+"""What the benchmark scripts share: the seed-spread cells of an accuracy table, measurements in a fresh
+process, and writing a table out."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+
+def in_fresh_process(script: str, *worker_args) -> dict:
+    """Run ``script --worker ARGS...`` in a new Python process (so that peak memory and timings of one
+    measurement do not mix with another's) and return the JSON object its last output line prints."""
+    result = subprocess.run([sys.executable, script, "--worker", *map(str, worker_args)], capture_output=True,
+                            text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def spread_cells(accuracies: list[float]) -> str:

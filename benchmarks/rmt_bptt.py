@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
+from report import emit, in_fresh_process
 
 SIZE = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=4096, associative_key_dim=32)
@@ -66,14 +64,12 @@ def main() -> None:
 
     rows = []
     for depth in args.depths.split(","):
-        result = subprocess.run([sys.executable, __file__, "--worker", args.memory_type, depth, str(args.segments),
-                                 str(args.segment_size), str(args.batch_size), str(args.steps)],
-                                capture_output=True, text=True, check=True)
-        numbers = json.loads(result.stdout.strip().splitlines()[-1])
+        numbers = in_fresh_process(__file__, args.memory_type, depth, args.segments, args.segment_size, args.batch_size,
+                                   args.steps)
         rows.append(f"| {depth if depth != 'none' else 'all (' + str(args.segments) + ')'} | "
                     f"{numbers['seconds_per_step']:.2f} | {numbers['peak_rss_mib']:.0f} |")
         print(rows[-1], flush=True)
-    table = "\n".join([
+    emit([
         f"{args.memory_type.upper()} training step (forward + backward + AdamW) vs bptt_depth: {args.segments} segments of "
         f"{args.segment_size} tokens, 16 memory tokens, batch {args.batch_size}, size {SIZE}; median of {args.steps} "
         f"steps, one process per row; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -81,11 +77,7 @@ def main() -> None:
         "| bptt_depth (memory hand-offs back-propagated) | seconds per step | peak process RSS MiB |",
         "|---|---|---|",
         *rows,
-    ])
-    print(table)
-    output = Path(args.output or f"benchmarks/results/{args.memory_type}_bptt.md")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table + "\n")
+    ], args.output or f"benchmarks/results/{args.memory_type}_bptt.md")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from report import emit, in_fresh_process
 
 SIZE = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=16384)
@@ -87,15 +85,13 @@ def main() -> None:
             for context in args.contexts:
                 runs = []
                 for _ in range(args.repeats):  # separate processes: timings on a shared CPU vary by ~20%
-                    result = subprocess.run([sys.executable, __file__, "--worker", kind, folder, str(context),
-                                             str(args.new_tokens)], capture_output=True, text=True, check=True)
-                    runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+                    runs.append(in_fresh_process(__file__, kind, folder, context, args.new_tokens))
                 numbers = sorted(runs, key=lambda run: run["ms_per_token"])[len(runs) // 2]
                 name = "Llama (full KV cache)" if kind == "llama" else f"{NAMES[args.architecture]} (segment {args.segment_size})"
                 rows.append(f"| {name} | {context} | {numbers['ms_per_token']:.2f} | {numbers['cache_mib']:.2f} | "
                             f"{numbers['peak_rss_mib']:.0f} |")
                 print(rows[-1], flush=True)
-    table = "\n".join([
+    emit([
         f"Decode after a long prompt, batch 1, {args.new_tokens} greedy tokens, median of {args.repeats} processes; "
         f"size {SIZE}; CPU, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -103,11 +99,7 @@ def main() -> None:
         "| model | context tokens | ms / decoded token | cache MiB | peak process RSS MiB |",
         "|---|---|---|---|---|",
         *rows,
-    ])
-    print(table)
-    output = Path(args.output or f"benchmarks/results/{args.architecture}_decode.md")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table + "\n")
+    ], args.output or f"benchmarks/results/{args.architecture}_decode.md")
 
 
 if __name__ == "__main__":

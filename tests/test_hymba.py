@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, random_ids
+from conftest import assert_same_training_step, build, random_ids
 from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, FalconH1ForCausalLM
 
 from hf_memory import cli
@@ -148,18 +148,8 @@ def test_compiled_flex_attention_matches_the_reference_forward_and_backward_on_c
 def test_hymba_trains_the_same_with_flex_attention_as_with_the_reference_on_cuda():
     """Left-padded batch through hymba-tiny on CUDA: logits and every gradient agree with fused kernels on (flex
     attention, mamba-ssm where installed) and off."""
-    models = [build("hymba-tiny", use_fused_kernels=flag).cuda() for flag in (True, False)]
-    ids = random_ids(models[0].config, 2, 40).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :7] = 0
-    results = []
-    for model in models:
-        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        out.loss.backward()
-        results.append((out.logits[mask.bool()], {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-3, atol=1e-3)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-3, msg=name)
+    fused, reference = (build("hymba-tiny", use_fused_kernels=flag).cuda() for flag in (True, False))
+    assert_same_training_step(fused, reference, length=40, pads=7)
 
 
 def test_a_kv_consumer_has_no_key_value_projections_and_reads_its_producers_keys():

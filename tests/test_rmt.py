@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, random_ids
+from conftest import assert_same_training_step, build, random_ids
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_memory import cli
@@ -193,15 +193,5 @@ def test_convert_from_llama_refuses_an_unknown_target_architecture(tmp_path):
 @pytest.mark.parametrize("preset", ["rmt-tiny", "armt-tiny"])
 def test_sdpa_with_the_segment_memory_mask_matches_eager_forward_and_backward_on_cuda(preset):
     """On CUDA the segment + memory mask goes to torch's fused SDPA kernels; eager attention is the reference."""
-    models = [build(preset, attn_implementation=implementation).cuda().train() for implementation in ("sdpa", "eager")]
-    ids = random_ids(models[0].config, 2, 45).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    results = []
-    for model in models:
-        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        out.loss.backward()
-        results.append((out.logits[mask.bool()], {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-4, msg=name)
+    sdpa, eager = (build(preset, attn_implementation=name).cuda().train() for name in ("sdpa", "eager"))
+    assert_same_training_step(sdpa, eager, length=45, pads=6, tolerance=1e-4)
