@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_training_step, build, random_ids
+from conftest import assert_same_training_step, build, random_ids, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_memory import cli
@@ -195,3 +195,42 @@ def test_sdpa_with_the_segment_memory_mask_matches_eager_forward_and_backward_on
     """On CUDA the segment + memory mask goes to torch's fused SDPA kernels; eager attention is the reference."""
     sdpa, eager = (build(preset, attn_implementation=name).cuda().train() for name in ("sdpa", "eager"))
     assert_same_training_step(sdpa, eager, length=45, pads=6, tolerance=1e-4)
+
+
+def _saved_bytes_and_gradients(model, ids, labels, through_labels: bool):
+    """Bytes autograd saves for the backward of one forward, and the gradients: the loss from ``labels=``
+    (the model learns which outputs a loss reads) or from the logits (it does not)."""
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        if through_labels:
+            loss = model(ids, labels=labels).loss
+        else:
+            logits = model(ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    loss.backward()
+    return sum(saved), {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                        for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("preset", ["rmt-tiny", "armt-tiny"])
+def test_with_labels_only_at_the_end_truncated_bptt_records_fewer_segments_and_keeps_the_gradients(preset):
+    """A loss on the last of 8 segments with bptt_depth=1: the segments whose memory is cut off before the loss
+    run without autograd — memory falls with the depth — and every gradient is what the full graph gives."""
+    ids = random_ids(tiny_config(preset), 2, 64)
+    labels = torch.full_like(ids, -100)
+    labels[:, 57:] = ids[:, 57:]
+    sizes = {}
+    for depth in (1, 3, None):
+        model = build(preset, bptt_depth=depth).train()
+        sizes[depth], grads = _saved_bytes_and_gradients(model, ids, labels, through_labels=True)
+        _, reference = _saved_bytes_and_gradients(model, ids, labels, through_labels=False)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert sizes[1] < sizes[3] < sizes[None]
+    assert sizes[1] < 0.4 * sizes[None]

@@ -210,10 +210,13 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
         keep = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device) if keep is None else keep.bool()
         record = dict(hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
                       attentions=kwargs.get("output_attentions", self.config.output_attentions))
+        supervised = kwargs.pop("supervised_tokens", None)
         options = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "output_attentions")}
-        state = segment_state(cache, 0) if cache is not None else None
-        step = self._continue if state is not None else self._read_segments
-        hidden, hidden_states, attentions = step(inputs_embeds, keep, cache, record, options)
+        if segment_state(cache, 0) is not None:
+            hidden, hidden_states, attentions = self._continue(inputs_embeds, keep, cache, record, options)
+        else:
+            hidden, hidden_states, attentions = self._read_segments(inputs_embeds, keep, cache, record, options,
+                                                                    supervised)
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=hidden_states,
                                        attentions=attentions)
 
@@ -256,9 +259,13 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
             return memory
         return self.memory_tokens.to(dtype)[None].expand(batch, -1, -1)
 
-    def _read_segments(self, embeds, keep, cache, record, options):
+    def _read_segments(self, embeds, keep, cache, record, options, supervised=None):
         """A whole sequence from the first memory, segment by segment over each row's real tokens; with a cache,
-        the memory and the keys of [read memory ; unfinished segment] are kept for decoding."""
+        the memory and the keys of [read memory ; unfinished segment] are kept for decoding.
+
+        ``supervised`` [B, T] (set by the causal LM from its labels) marks the outputs a loss reads: a segment
+        that has none and whose memory is detached before any loss sees it (``bptt_depth``) runs without
+        autograd, so truncated back-propagation also frees its activations."""
         config, n, r, w = self.config, self.config.segment_size, self.num_read, self.num_write
         batch, device = embeds.shape[0], embeds.device
         real, order = keep.sum(1), real_first(keep)
@@ -267,26 +274,29 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
         memory, associations = self._first_memory(batch, embeds.dtype)
         positions = torch.arange(r + n + w, device=device)
         outputs, per_layer, maps = [], [], []
+        needs_graph = self._segments_needing_graph(supervised, order, num_segments)
         for index in range(num_segments):
-            if config.bptt_depth is not None and 0 < index < num_segments - config.bptt_depth:
-                # gradients pass only the last bptt_depth memory hand-offs
-                memory = None if memory is None else memory.detach()
-                associations = None if associations is None else [(a.detach(), z.detach()) for a, z in associations]
-            start = index * n
-            valid = torch.arange(start, start + n, device=device)[None, :] < real[:, None]  # [B, n]
-            key_valid = torch.cat([valid.new_ones(batch, r), valid, valid.new_ones(batch, w)], dim=1)
-            bias = visible(positions, key_valid, 0, embeds.dtype)
-            read = memory[:, :r] if memory is not None else embeds[:, :0]
-            inputs = torch.cat([read, tokens[:, start : start + n], self._write_tokens(memory, batch, embeds.dtype)[:, :w]], 1)
-            hidden, layers, stack_pass, written = self._stack(inputs, bias, positions, None, associations, True,
-                                                              record, options)
-            outputs.append(hidden[:, r : r + n])
-            if layers is not None:
-                per_layer.append([h[:, r : r + n] for h in layers])
-            if record["attentions"] and None not in stack_pass.weights.values():
-                maps.append([a[:, :, r : r + n] for a in stack_pass.weights.values()])
-            complete = (real >= start + n)  # a row's memory is replaced once its segment is full
-            memory, associations = self._hand_on(memory, associations, hidden[:, r + n :], written, complete)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and needs_graph[index]):
+                if config.bptt_depth is not None and 0 < index < num_segments - config.bptt_depth:
+                    # gradients pass only the last bptt_depth memory hand-offs
+                    memory = None if memory is None else memory.detach()
+                    associations = associations and [(a.detach(), z.detach()) for a, z in associations]
+                start = index * n
+                valid = torch.arange(start, start + n, device=device)[None, :] < real[:, None]  # [B, n]
+                key_valid = torch.cat([valid.new_ones(batch, r), valid, valid.new_ones(batch, w)], dim=1)
+                bias = visible(positions, key_valid, 0, embeds.dtype)
+                read = memory[:, :r] if memory is not None else embeds[:, :0]
+                write = self._write_tokens(memory, batch, embeds.dtype)[:, :w]
+                inputs = torch.cat([read, tokens[:, start : start + n], write], dim=1)
+                hidden, layers, stack_pass, written = self._stack(inputs, bias, positions, None, associations, True,
+                                                                  record, options)
+                outputs.append(hidden[:, r : r + n])
+                if layers is not None:
+                    per_layer.append([h[:, r : r + n] for h in layers])
+                if record["attentions"] and None not in stack_pass.weights.values():
+                    maps.append([a[:, :, r : r + n] for a in stack_pass.weights.values()])
+                complete = (real >= start + n)  # a row's memory is replaced once its segment is full
+                memory, associations = self._hand_on(memory, associations, hidden[:, r + n :], written, complete)
 
         def in_order(x):  # [B, segments * n, d] -> the input's order and length
             return from_segments(x[:, None], order)[:, 0]
@@ -297,6 +307,17 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
             self._start_cache(cache, memory, associations, unfinished_segment(tokens[:, None], real, n)[:, 0],
                               real % n, keep.shape[1])
         return in_order(torch.cat(outputs, dim=1)), hidden_states, attentions
+
+    def _segments_needing_graph(self, supervised, order, num_segments: int) -> list[bool]:
+        """Per segment: whether autograd must record it — a loss reads one of its outputs, or its memory reaches
+        a later segment undetached (all, without ``supervised`` or ``bptt_depth``)."""
+        depth = self.config.bptt_depth
+        if supervised is None or depth is None:
+            return [True] * num_segments
+        n = self.config.segment_size
+        read = to_segments(supervised[:, None, :, None].float(), order, n).view(len(order), num_segments, n)
+        read = read.amax(dim=(0, 2)).bool().tolist()
+        return [read[i] or i + 1 >= num_segments - depth for i in range(num_segments)]
 
     def _hand_on(self, memory, associations, write_outputs, written, complete):
         """The memory of the next segment for the rows whose segment is ``complete`` [B]: RMT's write positions'
@@ -324,8 +345,8 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
         key_valid = torch.cat([valid.new_ones(batch, r), valid], dim=1)
         bias = visible(torch.arange(r + n, device=device), key_valid, 0, unfinished.dtype)
         read = memory[:, :r] if memory is not None else unfinished[:, :0]
-        _, _, stack_pass, _ = self._stack(torch.cat([read, unfinished], dim=1), bias, torch.arange(r + n, device=device),
-                                          None, associations)
+        _, _, stack_pass, _ = self._stack(torch.cat([read, unfinished], dim=1), bias,
+                                          torch.arange(r + n, device=device), None, associations)
         kv = [stack_pass.new[i] for i in range(len(self.layers))]
         self._store(cache, memory, associations, kv, count, [processed] * len(kv))
 
@@ -394,6 +415,13 @@ class RMTForCausalLM(RMTPreTrainedModel, HFMemoryForCausalLM):
     (memory positions never reach the logits)."""
 
     base_model_class = RMTModel
+
+    def forward(self, *args, labels=None, **kwargs):
+        """The causal LM's forward; with ``labels``, the model learns which outputs the loss reads (the position
+        before each label), so that truncated back-propagation can skip recording unsupervised segments."""
+        if labels is not None:
+            kwargs["supervised_tokens"] = nn.functional.pad(labels[:, 1:] != -100, (0, 1))
+        return super().forward(*args, labels=labels, **kwargs)
 
 
 AUTO_MAP = {"AutoModel": RMTModel, "AutoModelForCausalLM": RMTForCausalLM}
