@@ -416,12 +416,17 @@ class RMTForCausalLM(RMTPreTrainedModel, HFMemoryForCausalLM):
 
     base_model_class = RMTModel
 
-    def forward(self, *args, labels=None, **kwargs):
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         """The causal LM's forward; with ``labels``, the model learns which outputs the loss reads (the position
         before each label), so that truncated back-propagation can skip recording unsupervised segments."""
         if labels is not None:
             kwargs["supervised_tokens"] = nn.functional.pad(labels[:, 1:] != -100, (0, 1))
-        return super().forward(*args, labels=labels, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
 
 AUTO_MAP = {"AutoModel": RMTModel, "AutoModelForCausalLM": RMTForCausalLM}
