@@ -66,6 +66,19 @@ def test_generation_crosses_segment_boundaries_with_the_updated_memory():
 
 
 @pytest.mark.parametrize("preset", ["rmt-tiny", "armt-tiny"])
+def test_with_memory_off_cached_decode_resets_at_each_boundary_and_equals_the_full_forward(preset):
+    model = build(preset, use_memory=False)
+    ids = random_ids(model.config, 2, 30)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        pieces = [model(ids[:, :5], cache=cache, use_cache=True).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 30)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
+    assert cache.layers[0].keys.shape[2] == model.config.segment_size
+
+
+@pytest.mark.parametrize("preset", ["rmt-tiny", "armt-tiny"])
 @pytest.mark.parametrize("depth", [1, 2, None])
 def test_bptt_depth_stops_gradients_after_that_many_memory_hand_offs(preset, depth):
     """A loss on the last of 5 segments reaches the tokens of the last depth + 1 segments (their memory
