@@ -46,7 +46,9 @@ def train_variant(args, overrides: dict, seed: int) -> dict:
     test = passkey_batch(spec, 1024, torch.Generator().manual_seed(10_000 + seed))
     model = AutoModelForCausalLM.from_config(config)
     start = time.perf_counter()
-    groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr) if hasattr(model, "memory_parameter_groups") else None
+    groups = None  # Infini-attention's memory gates get their own learning rate
+    if hasattr(model, "memory_parameter_groups"):
+        groups = model.memory_parameter_groups(args.lr, gate_lr=args.gate_lr)
     losses = train_recall(model, spec, args.steps, args.batch_size, args.lr, seed, False, groups,
                           curriculum=args.curriculum, **RECIPE)
     overall, by_segment = accuracy_by_segment(model, test)
@@ -98,8 +100,8 @@ def main() -> None:
     header = " | ".join(f"needle in segment {s}" for s in range(args.segments - 1))
     recipe = ", ".join([f"{k} {v}" for k, v in RECIPE.items()]
                        + [f"first {n} steps on {segments} segments" for segments, n in args.curriculum])
-    memory = (f"{config.memory_update} memory update, gates lr {args.gate_lr}" if config.model_type == "hfm_infini_attention"
-              else f"{config.num_memory_tokens} memory tokens")
+    memory = f"{config.num_memory_tokens} memory tokens" if config.model_type == "hfm_rmt" else \
+        f"{config.memory_update} memory update, gates lr {args.gate_lr}"
     emit([
         f"Passkey retrieval, preset {args.preset} ({memory}): {args.segments} segments of "
         f"{config.segment_size} tokens, the question in the last one; {args.steps} steps x {args.batch_size}, "

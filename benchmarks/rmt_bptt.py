@@ -36,7 +36,8 @@ def measure(memory_type: str, depth: int | None, segments: int, segment_size: in
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(5, SIZE["vocab_size"], (batch, segments * segment_size), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, SIZE["vocab_size"], (batch, segments * segment_size), generator=generator)
     labels = ids.clone()
     if labelled == "last":
         labels[:, : -segment_size] = -100
@@ -79,7 +80,8 @@ def main() -> None:
                     f"{numbers['seconds_per_step']:.2f} | {numbers['peak_rss_mib']:.0f} |")
         print(rows[-1], flush=True)
     emit([
-        f"{args.memory_type.upper()} training step (forward + backward + AdamW) vs bptt_depth: {args.segments} segments of "
+        f"{args.memory_type.upper()} training step (forward + backward + AdamW) vs bptt_depth: {args.segments} "
+        f"segments of "
         f"{args.segment_size} tokens, 16 memory tokens, batch {args.batch_size}, loss on "
         f"{'every token' if args.labels == 'all' else 'the last segment only'}, size {SIZE}; median of {args.steps} "
         f"steps, one process per row; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",

@@ -79,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SIZE)).save_pretrained(f"{folder}/llama")
-        options = dict(architecture="rmt", memory_type=args.architecture) if args.architecture != "infini_attention" else {}
+        options = {} if args.architecture == "infini_attention" else dict(architecture="rmt",
+                                                                          memory_type=args.architecture)
         convert_from_llama(f"{folder}/llama", f"{folder}/memory", segment_size=args.segment_size, **options)
         for kind in ("llama", "memory"):
             for context in args.contexts:
@@ -87,7 +88,8 @@ def main() -> None:
                 for _ in range(args.repeats):  # separate processes: timings on a shared CPU vary by ~20%
                     runs.append(in_fresh_process(__file__, kind, folder, context, args.new_tokens))
                 numbers = sorted(runs, key=lambda run: run["ms_per_token"])[len(runs) // 2]
-                name = "Llama (full KV cache)" if kind == "llama" else f"{NAMES[args.architecture]} (segment {args.segment_size})"
+                name = ("Llama (full KV cache)" if kind == "llama"
+                        else f"{NAMES[args.architecture]} (segment {args.segment_size})")
                 rows.append(f"| {name} | {context} | {numbers['ms_per_token']:.2f} | {numbers['cache_mib']:.2f} | "
                             f"{numbers['peak_rss_mib']:.0f} |")
                 print(rows[-1], flush=True)
