@@ -143,15 +143,33 @@ def reject_typos(config_class, keys: Iterable[str]) -> None:
             raise ValueError(f"unknown config field `{key}` for {config_class.__name__}; did you mean `{close[0]}`?")
 
 
+@strict_config
 class HFMemoryConfig(PreTrainedConfig):
     """What every architecture's config does on construction: refuse typos, fill the defaults derived from
     other fields, check ``layer_types`` before transformers remaps legacy names (``"mamba"``), run
-    transformers' post-init, then the architecture's ``validate_architecture()``."""
+    transformers' post-init, then the architecture's ``validate_architecture()``.
+
+    The fields below are the ones every architecture shares with Llama, with Llama's defaults; an architecture
+    declares its sizes and its own fields, and redeclares one of these only to change its default."""
 
     layer_type_choices: ClassVar[tuple[str, ...]] = ()  # the layer types the architecture has; the first is the default
     # muP factors on the embeddings and the logits (fields of the architectures that have them: Falcon-H1)
     embedding_multiplier: ClassVar[float] = 1.0
     lm_head_multiplier: ClassVar[float] = 1.0
+
+    layer_types: list[str] | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
         reject_typos(type(self), kwargs)

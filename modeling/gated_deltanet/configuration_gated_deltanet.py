@@ -47,9 +47,6 @@ class GatedDeltaNetConfig(HFMemoryConfig):
     hidden_size: int = 2048
     num_hidden_layers: int = 21
     intermediate_size: int | None = None
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    layer_types: list[str] | None = None
     # Gated DeltaNet layers
     linear_num_key_heads: int = 6
     linear_num_value_heads: int | None = None
@@ -61,20 +58,10 @@ class GatedDeltaNetConfig(HFMemoryConfig):
     use_fused_kernels: bool = True
     # attention layers (hybrids)
     num_attention_heads: int = 16
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
     sliding_window: int | None = None
     rope_parameters: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
     max_position_embeddings: int = 2048
     # embeddings, init, generation
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
 
     def fill_defaults(self) -> None:
         super().fill_defaults()

@@ -63,9 +63,6 @@ class HymbaConfig(HFMemoryConfig):
     hidden_size: int = 1600
     intermediate_size: int = 5504
     num_hidden_layers: int = 32
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    layer_types: list[str] | None = None
     fusion: str = "mean"
     num_memory_tokens: int = 0
     kv_reuse_groups: list[list[int]] | None = None
@@ -74,10 +71,7 @@ class HymbaConfig(HFMemoryConfig):
     # attention
     num_attention_heads: int = 25
     num_key_value_heads: int | None = 5
-    head_dim: int | None = None
     attention_value_head_dim: int | None = None
-    attention_dropout: float = 0.0
-    attention_bias: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 8192
     rope_parameters: dict | None = None
@@ -108,12 +102,8 @@ class HymbaConfig(HFMemoryConfig):
     ssm_multipliers: list[float] | None = None
     mlp_multipliers: list[float] | None = None
     # embeddings, init, generation
-    initializer_range: float = 0.02
     tie_word_embeddings: bool = True
-    use_cache: bool = True
     pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
 
     def fill_defaults(self) -> None:
         """Global first / middle / last layers (sliding elsewhere when there is a window), value heads as wide as

@@ -48,9 +48,6 @@ class JambaHybridConfig(HFMemoryConfig):
     hidden_size: int = 4096
     intermediate_size: int = 14336
     num_hidden_layers: int = 32
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    layer_types: list[str] | None = None
     mlp_layer_types: list[str] | None = None
     attn_layer_period: int = 8
     attn_layer_offset: int = 4
@@ -59,9 +56,6 @@ class JambaHybridConfig(HFMemoryConfig):
     # attention
     num_attention_heads: int = 32
     num_key_value_heads: int | None = 8
-    head_dim: int | None = None
-    attention_dropout: float = 0.0
-    attention_bias: bool = False
     max_position_embeddings: int = 262144
     # mixture of experts
     num_experts: int = 16
@@ -82,12 +76,7 @@ class JambaHybridConfig(HFMemoryConfig):
     mamba_chunk_size: int = 64
     use_fused_kernels: bool = True
     # embeddings, init, generation
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    use_cache: bool = True
     pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
 
     def fill_defaults(self) -> None:
         """Layers by period / offset (unless listed), and Mamba's dt_rank = ceil(hidden_size / 16)."""

@@ -50,27 +50,14 @@ class RMTConfig(HFMemoryConfig):
     intermediate_size: int = 5632
     num_hidden_layers: int = 16
     num_attention_heads: int = 16
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
     rope_parameters: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
     max_position_embeddings: int = 4096
-    layer_types: list[str] | None = None
     segment_size: int = 1024
     num_memory_tokens: int = 10
     memory_type: str = "rmt"
     associative_key_dim: int = 64
     bptt_depth: int | None = None
     use_memory: bool = True
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
 
     def validate_architecture(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
