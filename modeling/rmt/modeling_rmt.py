@@ -354,8 +354,7 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
         """New tokens after a cached prefix, one at a time: each row appends the token to its segment and attends
         over [read memory ; segment so far]; a row whose segment fills runs the write pass, takes the new memory
         and starts the next segment (RMT: with the read pass of the new memory)."""
-        n, r = self.config.segment_size, self.num_read
-        batch, device = embeds.shape[0], embeds.device
+        n, r, device = self.config.segment_size, self.num_read, embeds.device
         outputs, per_layer, maps = [], [], []
         for t in range(embeds.shape[1]):
             layers = [own_cache_layer(cache, i, RecurrentMemoryCacheLayer) for i in range(len(self.layers))]
