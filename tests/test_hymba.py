@@ -11,7 +11,12 @@ from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, Fal
 from hf_memory import cli
 from hf_memory.conversion.hymba import LAYER_NAMES
 from hf_memory.layers.attention import eager_attention
-from hf_memory.ops.position_masked_attention import additive_position_mask, flex_position_attention, position_mask
+from hf_memory.ops.position_masked_attention import (
+    additive_position_mask,
+    flex_block_mask,
+    flex_position_attention,
+    position_mask,
+)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -114,8 +119,8 @@ def test_flex_attention_with_the_position_block_mask_equals_the_additive_mask_re
 
     q, k, v, positions = _masked_attention_inputs()
     reference = _reference_masked_attention(q, k, v, positions, window, num_sinks=3)
-    flex = flex_position_attention(flex_attention, q, k, v, positions, positions.masked_fill(positions < 0, -1),
-                                   window, 3, scaling=0.25)
+    flex = flex_position_attention(flex_attention, q, k, v, flex_block_mask(positions, positions, window, 3),
+                                   scaling=0.25)
     real = positions >= 0
     assert flex.shape == reference.shape == (2, 19, 4, 32)
     torch.testing.assert_close(flex[real], reference[real], rtol=1e-5, atol=1e-5)
@@ -135,7 +140,8 @@ def test_compiled_flex_attention_matches_the_reference_forward_and_backward_on_c
     for attention in ("reference", "flex"):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         if attention == "flex":
-            out = flex_position_attention(compiled_flex_attention, *inputs, positions, positions, window, 3, 0.25)
+            block_mask = flex_block_mask(positions, positions, window, 3)
+            out = flex_position_attention(compiled_flex_attention, *inputs, block_mask, 0.25)
         else:
             out = _reference_masked_attention(*inputs, positions, window, 3)
         (out * real).square().sum().backward()
@@ -280,3 +286,20 @@ def test_meta_tokens_equal_the_same_vectors_prepended_to_the_input_in_global_lay
     for name, parameter in with_meta.named_parameters():
         if name in references:
             torch.testing.assert_close(parameter.grad, references[name].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_attention_mask_is_built_once_per_window_in_a_forward(monkeypatch):
+    """Layers with the same window hold the same key positions: the mask is made once per forward and shared,
+    in prefill and in decoding."""
+    from hf_memory.modeling.hymba import modeling_hymba
+
+    built = []
+    original = modeling_hymba.additive_position_mask
+    monkeypatch.setattr(modeling_hymba, "additive_position_mask", lambda *args: built.append(1) or original(*args))
+    model = build("hymba-tiny")  # global, window, window, global
+    ids = random_ids(model.config, 2, 20)
+    with torch.no_grad():
+        out = model(ids[:, :19], use_cache=True)
+        assert len(built) == 2
+        model(ids[:, 19:], cache=out.cache, use_cache=True)
+    assert len(built) == 4

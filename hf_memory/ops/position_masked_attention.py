@@ -53,12 +53,11 @@ def flex_block_mask(query_positions, key_positions, window: int | None, num_sink
     return create_block_mask(mask_mod, batch, None, length, key_positions.shape[1], device=query_positions.device)
 
 
-def flex_position_attention(flex_attention, query, key, value, query_positions, key_positions,
-                            window: int | None, num_sinks: int, scaling: float) -> torch.Tensor:
+def flex_position_attention(flex_attention, query, key, value, block_mask, scaling: float) -> torch.Tensor:
     """softmax(q k^T * scaling, masked by ``position_mask``) v through ``flex_attention`` (the function, compiled
-    or not); query [B, H, T, d], key [B, H_kv, S, d], value [B, H_kv, S, d_v]. Returns [B, T, H, d_v] (the
-    layout of transformers' attention functions). A query that sees no key gets 0."""
-    block_mask = flex_block_mask(query_positions, key_positions, window, num_sinks)
+    or not) and the ``flex_block_mask`` of the positions; query [B, H, T, d], key [B, H_kv, S, d], value
+    [B, H_kv, S, d_v]. Returns [B, T, H, d_v] (the layout of transformers' attention functions). A query that
+    sees no key gets 0."""
     out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous()

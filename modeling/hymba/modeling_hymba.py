@@ -27,7 +27,7 @@ from hf_memory.layers.attention import Attention
 from hf_memory.layers.mamba import Mamba2Mixer, MambaMixer
 from hf_memory.layers.mlp import GatedMLP
 from hf_memory.layers.norms import RMSNorm
-from hf_memory.ops.position_masked_attention import additive_position_mask, flex_position_attention
+from hf_memory.ops.position_masked_attention import additive_position_mask, flex_block_mask, flex_position_attention
 from hf_memory.modeling_utils import (
     HFMemoryForCausalLM,
     HFMemoryModel,
@@ -199,7 +199,7 @@ class HymbaMixer(nn.Module):
             shared_kv[self.layer_idx] = (k, v, positions)
         return k, v, positions
 
-    def attend(self, q, k, v, positions, key_positions, **kwargs):
+    def attend(self, q, k, v, positions, key_positions, shared, **kwargs):
         """Attention under the meta-token + window mask of positions (``position_masked_attention``): flex
         attention with a block mask on CUDA where the fused kernels are on, the configured eager / sdpa attention
         with the additive mask (the definition) otherwise or when attention maps are asked for."""
@@ -207,11 +207,26 @@ class HymbaMixer(nn.Module):
         flex = None if need_weights or self.config._attn_implementation == "eager" else fused_kernel(
             "flex_attention", q, k, v, use_fused_kernels=self.config.use_fused_kernels)
         if flex is not None:
-            out = flex_position_attention(flex, q, k, v, positions, key_positions, self.window, self.num_meta,
-                                          self.self_attn.scaling)
+            block_mask = self.shared_mask("flex", flex_block_mask, positions, key_positions, shared)
+            out = flex_position_attention(flex, q, k, v, block_mask, self.self_attn.scaling)
             return out.reshape(q.shape[0], q.shape[2], -1), None
-        bias = additive_position_mask(positions, key_positions, self.window, self.num_meta, q.dtype)
+        bias = self.shared_mask(q.dtype, lambda *args: additive_position_mask(*args, q.dtype), positions,
+                                key_positions, shared)
         return self.self_attn.attend(q, k, v, bias, **kwargs)
+
+    def shared_mask(self, kind, build, positions, key_positions, shared):
+        """``build(positions, key_positions, window, num_meta)``, made once per forward for all layers with this
+        window: they hold the same key positions (checked here, not assumed), so later layers reuse it."""
+        if shared is None:  # the mixer called on its own
+            return build(positions, key_positions, self.window, self.num_meta)
+        key = ("mask", kind, self.window)
+        if key in shared:
+            seen_positions, seen_keys, mask = shared[key]
+            if torch.equal(seen_positions, positions) and torch.equal(seen_keys, key_positions):
+                return mask
+        mask = build(positions, key_positions, self.window, self.num_meta)
+        shared[key] = (positions, key_positions, mask)
+        return mask
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, position_ids=None,
                 shared_kv=None, **kwargs):
@@ -224,7 +239,7 @@ class HymbaMixer(nn.Module):
 
         q, k, v = self.self_attn.project(hidden_states * config.attention_in_multiplier, position_embeddings)
         k, v, key_positions = self.attention_keys(k, v, key_positions, cache, shared_kv)
-        attended, weights = self.attend(q, k, v, positions, key_positions, **kwargs)
+        attended, weights = self.attend(q, k, v, positions, key_positions, shared_kv, **kwargs)
         scanned = None
         if self.mamba is not None:
             scanned, _ = self.mamba(hidden_states * config.ssm_in_multiplier, attention_mask=mask, cache=cache)
@@ -301,7 +316,8 @@ class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
         return embeds, mask, positions, output_index
 
     def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
-        """``HFMemoryModel.forward`` with ``shared_kv`` for cross-layer KV sharing, and the meta tokens cut from
+        """``HFMemoryModel.forward`` with ``shared_kv`` (per forward: the producers' KV for cross-layer sharing,
+        the attention masks built once per window), and the meta tokens cut from
         recorded hidden states and attention rows as they are from the output."""
         return_dict = kwargs.pop("return_dict", None)
         outputs = super().forward(input_ids, attention_mask, *args, shared_kv={}, return_dict=True, **kwargs)
