@@ -60,66 +60,47 @@ def segment_state(cache: Cache | None, layer_idx: int) -> SegmentCacheLayer | No
 
 
 def store_segment_state(cache: Cache | None, layer_idx: int, **state) -> None:
-    """Keep a segment layer's state (the names its ``state_names`` declare, plus count and processed)."""
+    """Keep a segment layer's state (the names its ``state_names`` declare, plus count and the tokens fed)."""
     if cache is not None:
         cache.layers[layer_idx].store(**state)
 
 
-class SegmentCacheLayer(cache_utils.CacheLayerMixin):
-    """Cache of a segment-wise layer: per row, the state the architecture names in ``state_names`` (tensors
-    with the batch first: a memory, the current segment's keys / values ...), ``count`` [B] real tokens in
-    each row's unfinished segment, and ``processed`` tokens fed (pads included; what ``get_seq_length``
-    reports). Bounded: at most one segment of tokens is kept.
+class RowStateCacheLayer(cache_utils.CacheLayerMixin):
+    """A cache layer of per-row tensors (batch first) named in ``tensor_names``, fed ``tokens`` tokens so far (pads
+    included; what ``get_seq_length`` reports): beam search reorders the rows; cropping (assisted decoding) and
+    offloading are refused. Subclasses fill the tensors with their own update methods."""
 
-    A subclass sets ``_layer_type`` (registered for ``DynamicCache`` and ``StaticCache`` alike: the state is
-    already bounded) and ``state_names``.
-    """
-
-    state_names: tuple[str, ...] = ()
+    tensor_names: tuple[str, ...] = ()
     supports_early_init = False
     is_compileable = False
     is_croppable = False
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls._layer_type is not None:
-            cache_utils.STATIC_LAYER_TYPE_MAPPING[cls._layer_type] = cls
+    crop_refusal = "this cache cannot be cropped"
 
     def __init__(self, **kwargs):
         super().__init__()
-        for name in self.state_names:
+        for name in self.tensor_names:
             setattr(self, name, None)
-        self.count = None
-        self.processed = 0
+        self.tokens = 0
 
     def lazy_initialization(self, *args, **kwargs) -> None:
-        raise NotImplementedError(f"a {type(self).__name__} is filled by `store`, not by key/value updates")
+        raise NotImplementedError(f"a {type(self).__name__} is filled by its own update method, not key/value updates")
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(f"a {type(self).__name__} is filled by `store`, not by key/value updates")
-
-    def store(self, count: torch.Tensor, processed: int, **state: torch.Tensor) -> None:
-        if set(state) != set(self.state_names):
-            raise ValueError(f"{type(self).__name__} stores {sorted(self.state_names)}, got {sorted(state)}")
-        for name, tensor in state.items():
-            setattr(self, name, tensor)
-        self.count, self.processed = count, processed
-        self.is_initialized = True
+        raise NotImplementedError(f"a {type(self).__name__} is filled by its own update method, not key/value updates")
 
     def get_seq_length(self) -> int:
-        return self.processed
+        return self.tokens
 
     def get_max_length(self) -> int:
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.processed + query_length, 0
+        return self.tokens + query_length, 0
 
     def _map_tensors(self, fn) -> None:
-        if self.is_initialized:
-            for name in (*self.state_names, "count"):
-                if getattr(self, name) is not None:  # a state the configuration does not use
-                    setattr(self, name, fn(getattr(self, name)))
+        for name in self.tensor_names:
+            if getattr(self, name) is not None:  # a state the configuration does not use
+                setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -134,10 +115,38 @@ class SegmentCacheLayer(cache_utils.CacheLayerMixin):
         self.__init__()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a segment memory cannot be cropped: folded segments cannot be taken back")
+        raise NotImplementedError(f"{self.crop_refusal} (crop)")
 
     def offload(self) -> None:
         raise NotImplementedError(f"offloading is not supported for {type(self).__name__}")
 
     def prefetch(self) -> None:
         raise NotImplementedError(f"offloading is not supported for {type(self).__name__}")
+
+
+class SegmentCacheLayer(RowStateCacheLayer):
+    """Cache of a segment-wise layer: per row, the state the architecture names in ``state_names`` (tensors
+    with the batch first: a memory, the current segment's keys / values ...), ``count`` [B] real tokens in
+    each row's unfinished segment, and ``tokens`` fed (pads included). Bounded: at most one segment of tokens
+    is kept.
+
+    A subclass sets ``_layer_type`` (registered for ``DynamicCache`` and ``StaticCache`` alike: the state is
+    already bounded) and ``state_names``.
+    """
+
+    state_names: tuple[str, ...] = ()
+    crop_refusal = "a segment memory cannot be cropped: folded segments cannot be taken back"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.tensor_names = (*cls.state_names, "count")
+        if cls._layer_type is not None:
+            cache_utils.STATIC_LAYER_TYPE_MAPPING[cls._layer_type] = cls
+
+    def store(self, count: torch.Tensor, processed: int, **state: torch.Tensor) -> None:
+        if set(state) != set(self.state_names):
+            raise ValueError(f"{type(self).__name__} stores {sorted(self.state_names)}, got {sorted(state)}")
+        for name, tensor in state.items():
+            setattr(self, name, tensor)
+        self.count, self.tokens = count, processed
+        self.is_initialized = True

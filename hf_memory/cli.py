@@ -216,6 +216,7 @@ CONVERT_EPILOG = """examples:
   hf-memory convert --from jamba path/to/jamba-checkpoint jamba-hf-memory --license apache-2.0
   hf-memory convert --from llama path/to/llama-checkpoint infini-llama --set segment_size=2048
   hf-memory convert --from llama path/to/llama-checkpoint rmt-llama --set architecture=rmt --set segment_size=1024
+  hf-memory convert --from llama path/to/llama-checkpoint mor-llama --set architecture=mor --set num_recursions=2
   hf-memory convert --to jamba jamba-hf-memory jamba-transformers
   hf-memory convert --from falcon_h1 path/to/falcon-h1-checkpoint falcon-h1-hf-memory
   hf-memory convert --from hymba path/to/Hymba-1.5B-Base hymba-hf-memory
@@ -251,7 +252,7 @@ def add_convert_parser(commands) -> None:
     formats = conversion.add_mutually_exclusive_group(required=True)
     formats.add_argument("--from", dest="source_format", metavar="FORMAT",
                          help="format of SRC, written as hf-memory: jamba (transformers' Jamba -> hf-memory Jamba), "
-                              "llama (transformers' Llama -> Infini-attention, or RMT with --set architecture=rmt), falcon_h1 (transformers' Falcon-H1 "
+                              "llama (transformers' Llama -> Infini-attention, or RMT / MoR with --set architecture=rmt / mor), falcon_h1 (transformers' Falcon-H1 "
                               "-> hf-memory parallel hybrid), hymba (NVIDIA's published Hymba -> hf-memory Hymba)")
     formats.add_argument("--to", dest="target_format", metavar="FORMAT",
                          help="format to write from an hf-memory SRC: jamba (hf-memory Jamba, Mamba-1 mixers -> "
@@ -262,7 +263,9 @@ def add_convert_parser(commands) -> None:
                             help="dtype to convert in and save (default: as saved in SRC)")
     conversion.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help="converter option, repeatable: segment_size=2048, memory_update=linear (llama); "
-                                 "architecture=rmt num_memory_tokens=16 use_memory=False memory_type=armt (llama -> RMT)")
+                                 "architecture=rmt num_memory_tokens=16 use_memory=False memory_type=armt (llama -> RMT); "
+                                 "architecture=mor num_recursions=3 sharing=cycle initialization=average "
+                                 "routing=token_choice router_gating=none (llama -> MoR)")
     add_writing_options(conversion)
     conversion.set_defaults(func=convert)
 

@@ -7,8 +7,9 @@ An architecture brings three things and nothing generic:
 * ``mixers``: a table ``layer type -> factory(config, layer_idx)`` of token mixers, each with the one mixer
   signature ``forward(hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs)``
   returning ``(output, attention_weights or None)`` (``kwargs`` carry ``position_ids`` and the attention options),
-* optionally ``ffns`` (``mlp_layer_types`` entry -> factory), the parameter names of its checkpoints, and a
-  learned prefix (``init_prefix`` / ``prepend_prefix``: Hymba's meta tokens).
+* optionally ``ffns`` (``mlp_layer_types`` entry -> factory), the parameter names of its checkpoints, parameters
+  beyond the layer stack (``init_extra_parameters``: Hymba's meta tokens, RMT's memory, MoR's routers), a learned
+  prefix (``prepend_prefix``) and its own set of unique layers (``build_layers``: MoR's shared block).
 
 Everything else — input checks, embeddings, cache creation and checks, positions, RoPE, the per-layer-type
 mask mapping (also the one ``generate`` passes), the layer loop, hidden-state / attention / router-logit
@@ -212,18 +213,20 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
         super().__init__(config)
         config.validate_architecture()  # fields set after construction (from_pretrained(..., key=value)) too
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(
-            self.decoder_layer(config, i, self.mixers, self.ffns) for i in range(config.num_hidden_layers)
-        )
+        self.layers = self.build_layers(config)
         self.add_module(self.final_norm_name, RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         uses_rope = bool(self.rope_layer_types & set(config.layer_types))
         self.rotary_emb = RotaryEmbedding(config) if uses_rope else None
-        self.init_prefix(config)
+        self.init_extra_parameters(config)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def init_prefix(self, config) -> None:
-        """The parameters of ``prepend_prefix`` (Hymba's meta tokens); none here."""
+    def build_layers(self, config) -> nn.ModuleList:
+        """One decoder layer per ``layer_types`` entry (an architecture that reuses layers builds fewer)."""
+        return nn.ModuleList(self.decoder_layer(config, i, self.mixers, self.ffns) for i in range(config.num_hidden_layers))
+
+    def init_extra_parameters(self, config) -> None:
+        """Parameters beyond embeddings, layers and norm (Hymba's meta tokens, RMT's memory); none here."""
 
     def get_input_embeddings(self):
         return self.embed_tokens

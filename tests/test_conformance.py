@@ -200,6 +200,12 @@ def test_dynamic_cache_from_config_holds_each_layers_state_in_fp32(preset):
             else:
                 assert layer.memory.dtype == torch.float32 and layer.memory.shape == (3, m, hidden)
                 assert layer.keys.shape[-2] == m + model.config.segment_size
+        elif layer_type == "recursive_attention":  # KV of the tokens that reached the layer, their stream indices
+            if layer.keys is None:  # a deeper recursion under recursive KV sharing
+                assert model.config.kv_cache_scheme == "recursive_sharing"
+                continue
+            reached = (layer.key_index >= 0).sum(1)
+            assert layer.key_index.shape[0] == 3 and layer.keys.shape[-2] == int(reached.max()) <= ids.shape[1]
         else:
             assert layer.keys.shape[-2] == ids.shape[1]
 
@@ -327,7 +333,9 @@ def test_output_hidden_states_set_in_the_config_at_load_is_honoured(preset, tmp_
 
 
 SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention", "recurrent_memory_attention",
-                       "parallel_attention", "parallel_sliding_attention"}
+                       "parallel_attention", "parallel_sliding_attention", "recursive_attention"}
+# layer types that only some tokens reach (Mixture-of-Recursions): a token's map row is zero where it skipped
+ROUTED_LAYER_TYPES = {"recursive_attention"}
 
 
 def test_output_attentions_returns_one_map_per_softmax_attention_layer(preset):
@@ -337,9 +345,16 @@ def test_output_attentions_returns_one_map_per_softmax_attention_layer(preset):
         out = model(ids, output_attentions=True)
     expected = sum(t in SOFTMAX_LAYER_TYPES for t in model.config.layer_types)
     assert len(out.attentions) == expected
-    for weights in out.attentions:
+    layer_types = [t for t in model.config.layer_types if t in SOFTMAX_LAYER_TYPES]
+    for weights, layer_type in zip(out.attentions, layer_types):
         assert weights.shape[:3] == (2, model.config.num_attention_heads, 12)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
+        sums = weights.sum(-1)
+        if layer_type in ROUTED_LAYER_TYPES:  # rows of the tokens that reached the layer sum to 1, the others are 0
+            reached = sums[:, 0] > 0.5
+            assert reached.any()
+            torch.testing.assert_close(sums, reached[:, None].expand_as(sums).float())
+        else:
+            torch.testing.assert_close(sums, torch.ones(weights.shape[:3]))
 
 
 def test_set_attn_implementation_reaches_every_softmax_attention(preset):
@@ -364,7 +379,8 @@ def test_head_dim_is_the_attention_head_size_everywhere(preset):
     model = build(preset)
     config = model.config
     attentions = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "num_key_value_groups")]
-    assert len(attentions) == sum(t in SOFTMAX_LAYER_TYPES for t in config.layer_types)
+    unique_layer = getattr(config, "unique_layer", lambda layer: layer)  # layers that share weights count once
+    assert len(attentions) == len({unique_layer(i) for i, t in enumerate(config.layer_types) if t in SOFTMAX_LAYER_TYPES})
     for module in attentions:
         assert module.head_dim == config.head_dim
         assert module.q_proj.out_features == config.num_attention_heads * config.head_dim

@@ -288,7 +288,7 @@ class HymbaPreTrainedModel(HFMemoryPreTrainedModel):
 class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
     """Embeddings, meta tokens, the stack of parallel layers, final RMSNorm."""
 
-    def init_prefix(self, config: HymbaConfig) -> None:
+    def init_extra_parameters(self, config: HymbaConfig) -> None:
         M = config.num_memory_tokens
         self.memory_tokens = nn.Parameter(torch.zeros(M, config.hidden_size)) if M else None
 

@@ -155,7 +155,7 @@ class InfiniAttention(nn.Module):
             if bool(filled.any()):  # a segment is written once, when it fills
                 memory, norm = self._write(memory, norm, raw_keys, values, filled[:, None].expand(-1, n))
             store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=keys, raw_keys=raw_keys,
-                                values=values, count=torch.where(filled, 0, count), processed=layer.processed + 1)
+                                values=values, count=torch.where(filled, 0, count), processed=layer.tokens + 1)
         return torch.cat(outputs, dim=2), None if maps[0] is None else torch.cat(maps, dim=2)
 
 

@@ -180,7 +180,7 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
     """Embeddings, the Llama stack run once per segment on [read memory ; segment ; write memory], final
     RMSNorm; ARMT's associative block before every layer."""
 
-    def init_prefix(self, config: RMTConfig) -> None:
+    def init_extra_parameters(self, config: RMTConfig) -> None:
         m = config.num_memory_tokens if config.use_memory else 0
         self.memory_tokens = nn.Parameter(torch.zeros(m, config.hidden_size)) if m else None  # M_0 (ARMT: M)
         associative = config.memory_type == "armt" and config.use_memory
@@ -382,7 +382,7 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
             if bool(filled.any()) and self.num_write:
                 memory, associations, kv = self._next_segment(memory, associations, kv, filled)
             count = torch.where(filled, 0, count)
-            self._store(cache, memory, associations, kv, count, [layer.processed + 1 for layer in layers])
+            self._store(cache, memory, associations, kv, count, [layer.tokens + 1 for layer in layers])
         hidden_states = None if not per_layer else tuple(torch.cat(h, dim=1) for h in zip(*per_layer))
         attentions = None if not maps else tuple(torch.cat(a, dim=2) for a in zip(*maps))
         return torch.cat(outputs, dim=1), hidden_states, attentions
