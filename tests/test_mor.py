@@ -56,7 +56,8 @@ def test_360m_preset_has_the_papers_118m_non_embedding_parameters():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_memory.get_config("mor-360m"))
     config = model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.block_size, config.num_unique_layers) == (960, 32, 10, 12)
+    layout = (config.hidden_size, config.num_hidden_layers, config.block_size, config.num_unique_layers)
+    assert layout == (960, 32, 10, 12)
     embedding = model.get_input_embeddings().weight.numel()  # tied with the LM head
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "router" not in n) - embedding
     assert abs(non_embedding - 118.0e6) < 0.1e6, non_embedding
@@ -117,14 +118,15 @@ def _dense_expert_choice_logits(model, ids):
     sequence, each token's keys restricted to the routed tokens up to it; only routed tokens are updated."""
     inner, config = model.model, model.config
     length = ids.shape[1]
-    positions = torch.arange(length)[None]
+    positions = torch.arange(length, device=ids.device)[None]
     rope = inner.rotary_emb(inner.embed_tokens.weight, positions)
-    causal = torch.ones(length, length).tril().bool()
+    causal = torch.ones(length, length, device=ids.device).tril().bool()
 
     def additive(keys):  # [B, T] keys allowed -> [B, 1, T, T]
         allowed = causal[None] & keys[:, None, :]
-        allowed = allowed | torch.eye(length, dtype=torch.bool)[None]  # a skipped query's row stays finite
-        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        allowed = allowed | torch.eye(length, dtype=torch.bool, device=ids.device)[None]  # skipped rows stay finite
+        bias = torch.zeros(allowed.shape, device=ids.device)
+        return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
     hidden = _dense_layer(inner.layers[0], inner.embed_tokens(ids), rope, additive(torch.ones_like(ids).bool()))
     active = torch.ones_like(ids).bool()
@@ -142,10 +144,17 @@ def _dense_expert_choice_logits(model, ids):
     return model.lm_head(inner.norm(hidden))
 
 
-def test_gathered_recursions_keep_each_tokens_position_and_equal_the_dense_reference_forward_and_backward():
-    model = build("mor-tiny", router_aux_loss_coef=0.0).train()
-    reference = build("mor-tiny", router_aux_loss_coef=0.0).train()
-    ids = random_ids(model.config, 3, 27)
+@pytest.mark.parametrize("device, attn_implementation", [
+    ("cpu", "eager"), ("cpu", "sdpa"),
+    pytest.param("cuda", "sdpa", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_gathered_recursions_keep_each_tokens_position_and_equal_the_dense_reference_forward_and_backward(
+        device, attn_implementation):
+    """The shared block runs on the gathered tokens of each recursion (on CUDA: SDPA over the gathered tokens,
+    no full-sequence attention); the reference attends over the whole sequence with a mask."""
+    model = build("mor-tiny", router_aux_loss_coef=0.0, attn_implementation=attn_implementation).train().to(device)
+    reference = build("mor-tiny", router_aux_loss_coef=0.0).train().to(device)
+    ids = random_ids(model.config, 3, 27).to(device)
     ours, theirs = model(ids).logits, _dense_expert_choice_logits(reference, ids)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for out, m in ((ours, model), (theirs, reference)):
@@ -286,9 +295,9 @@ def test_a_batch_decodes_each_row_as_it_decodes_alone():
 # ---------------------------------------------------------------------------------------------- conversion
 def _tiny_llama(tmp_path, layers=6):
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=False)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=False)).eval()
     llama.save_pretrained(tmp_path / "llama")
     return llama
 

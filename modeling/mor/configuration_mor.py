@@ -28,8 +28,10 @@ CAUSAL_ROUTINGS = ("aux_loss", "aux_router")
 KV_CACHE_SCHEMES = ("recursion_wise", "recursive_sharing")
 # the published defaults (authors' code, util/config.py and conf/pretrain/*_smollm-360m_*.yaml)
 ROUTING_DEFAULTS = {
-    "expert_choice": dict(router_function="sigmoid", router_alpha=0.1, router_aux_loss_coef=1e-3, router_z_loss_coef=0.0),
-    "token_choice": dict(router_function="softmax", router_alpha=1.0, router_aux_loss_coef=0.1, router_z_loss_coef=1e-5),
+    "expert_choice": dict(router_function="sigmoid", router_alpha=0.1, router_aux_loss_coef=1e-3,
+                          router_z_loss_coef=0.0),
+    "token_choice": dict(router_function="softmax", router_alpha=1.0, router_aux_loss_coef=0.1,
+                         router_z_loss_coef=1e-5),
     "none": dict(router_function=None, router_alpha=1.0, router_aux_loss_coef=0.0, router_z_loss_coef=0.0),
 }
 

@@ -52,46 +52,48 @@ from .configuration_mor import LAYER_TYPES, MoRConfig
 # ------------------------------------------------------------------------------------------------ cache
 class RecursionCacheLayer(RowStateCacheLayer):
     """Cache of one applied layer of the shared block (``layer_types`` entry ``"recursive_attention"``): the keys
-    and values [B, H_kv, S, d] of the tokens that reached this layer and their stream indices [B, S] (-1 in the
-    slots past a row's tokens), each row's tokens first and in order, so S is the most tokens any row brought
-    here. Under recursive KV sharing the layers of deeper recursions stay empty."""
+    and values [B, H_kv, S, d] of the tokens that reached this layer, their stream indices [B, S] (-1 in the
+    slots past a row's tokens) and each row's number of them ``used`` [B]; each row's tokens first and in
+    order, so S covers the most tokens any row brought here (grown ``growth`` slots at a time while decoding,
+    written in place without autograd). Under recursive KV sharing the layers of deeper recursions stay empty."""
 
-    tensor_names = ("keys", "values", "key_index")
+    tensor_names = ("keys", "values", "key_index", "used")
     crop_refusal = "a Mixture-of-Recursions cache cannot be cropped: assisted decoding is not supported"
+    growth = 64
 
     def update_selected(self, keys, values, key_index, rows, batch: int):
         """Append the new keys [B', H_kv, n, d], values and stream indices [B', n] (-1 in unused slots, which come
         after each row's used ones) of batch rows ``rows`` (None: all ``batch`` rows); return the rows' keys,
         values and indices that the new queries see (those kept plus the new ones)."""
-        heads, n = keys.shape[1], keys.shape[2]
+        n = keys.shape[2]
         if self.keys is None:
-            self.keys = keys.new_zeros(batch, heads, 0, keys.shape[-1])
-            self.values = values.new_zeros(batch, heads, 0, values.shape[-1])
+            self.keys = keys.new_zeros(batch, keys.shape[1], 0, keys.shape[-1])
+            self.values = values.new_zeros(batch, values.shape[1], 0, values.shape[-1])
             self.key_index = key_index.new_full((batch, 0), -1)
-        held = self.key_index if rows is None else self.key_index[rows]
-        used = (held >= 0).sum(1)  # [B'] the rows' kept tokens: the first slots of each row
-        size = max(self.keys.shape[2], int(used.max()) + n)
-        grow = size - self.keys.shape[2]
-        all_k = nn.functional.pad(self.keys, (0, 0, 0, grow))
-        all_v = nn.functional.pad(self.values, (0, 0, 0, grow))
-        all_index = nn.functional.pad(self.key_index, (0, grow), value=-1)
+            self.used = key_index.new_zeros(batch)
+        used = self.used if rows is None else self.used[rows]
+        size = int(used.max()) + n
+        if size > self.keys.shape[2]:
+            grow = size - self.keys.shape[2] + (self.growth if self.keys.shape[2] else 0)
+            self.keys = nn.functional.pad(self.keys, (0, 0, 0, grow))
+            self.values = nn.functional.pad(self.values, (0, 0, 0, grow))
+            self.key_index = nn.functional.pad(self.key_index, (0, grow), value=-1)
+        row = (torch.arange(batch, device=keys.device) if rows is None else rows)[:, None]
         slot = used[:, None] + torch.arange(n, device=keys.device)  # each new key after the row's kept ones
+        in_place = not (torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad))
+        for name, new in (("keys", keys.transpose(1, 2)), ("values", values.transpose(1, 2))):
+            held = getattr(self, name)
+            if in_place:
+                held.transpose(1, 2)[row, slot] = new
+            else:
+                held = held.transpose(1, 2).index_put((row, slot), new).transpose(1, 2)
+            setattr(self, name, held)
+        self.key_index[row, slot] = key_index
+        self.used = self.used.index_add(0, row[:, 0], (key_index >= 0).sum(1))
+        width = int(self.used.max()) if rows is None else size
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        row_k = pick(all_k).scatter(2, slot[:, None, :, None].expand(-1, heads, -1, keys.shape[-1]), keys)
-        row_v = pick(all_v).scatter(2, slot[:, None, :, None].expand(-1, heads, -1, values.shape[-1]), values)
-        row_index = pick(all_index).scatter(1, slot, key_index)
-        if rows is None:
-            self.keys, self.values, self.key_index = row_k, row_v, row_index
-        else:
-            self.keys = all_k.index_copy(0, rows, row_k)
-            self.values = all_v.index_copy(0, rows, row_v)
-            self.key_index = all_index.index_copy(0, rows, row_index)
-        kept = int((self.key_index >= 0).sum(1).max())  # drop the slots no row uses
-        if kept < self.keys.shape[2]:
-            self.keys, self.values, self.key_index = (self.keys[:, :, :kept], self.values[:, :, :kept],
-                                                      self.key_index[:, :kept])
         self.is_initialized = True
-        return row_k, row_v, row_index
+        return pick(self.keys[:, :, :width]), pick(self.values[:, :, :width]), pick(self.key_index[:, :width])
 
     def count(self, new_tokens: int) -> None:
         """Count a forward's tokens (pads included), whether or not any reached this layer."""
@@ -426,7 +428,8 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
         if self.training:
             real = keep.sum().clamp(min=1)
             importance = (probs * keep[..., None]).sum((0, 1)) / real  # P_j
-            load = config.num_recursions * torch.nn.functional.one_hot(choice, config.num_recursions)[keep].sum(0) / real
+            chosen = nn.functional.one_hot(choice, config.num_recursions)[keep].sum(0)
+            load = config.num_recursions * chosen / real  # f_j
             z_loss = torch.logsumexp(logits, -1)[keep].square().mean()
             aux_loss = config.router_aux_loss_coef * (importance * load).sum() + config.router_z_loss_coef * z_loss
         return output, (choice + 1) * keep, (logits,), aux_loss
