@@ -64,7 +64,8 @@ class RecursionCacheLayer(RowStateCacheLayer):
     def update_selected(self, keys, values, key_index, rows, batch: int):
         """Append the new keys [B', H_kv, n, d], values and stream indices [B', n] (-1 in unused slots, which come
         after each row's used ones) of batch rows ``rows`` (None: all ``batch`` rows); return the rows' keys,
-        values and indices that the new queries see (those kept plus the new ones)."""
+        values and indices of every row (those kept plus the new ones): reading the rows that stopped costs less
+        than copying out the ones still running."""
         n = keys.shape[2]
         if self.keys is None:
             self.keys = keys.new_zeros(batch, keys.shape[1], 0, keys.shape[-1])
@@ -90,10 +91,9 @@ class RecursionCacheLayer(RowStateCacheLayer):
             setattr(self, name, held)
         self.key_index[row, slot] = key_index
         self.used = self.used.index_add(0, row[:, 0], (key_index >= 0).sum(1))
-        width = int(self.used.max()) if rows is None else size
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        width = int(self.used.max())
         self.is_initialized = True
-        return pick(self.keys[:, :, :width]), pick(self.values[:, :, :width]), pick(self.key_index[:, :width])
+        return self.keys[:, :, :width], self.values[:, :, :width], self.key_index[:, :width]
 
     def count(self, new_tokens: int) -> None:
         """Count a forward's tokens (pads included), whether or not any reached this layer."""
@@ -115,20 +115,18 @@ class RecursionPass:
         self.seen, self.weights = {}, {}
 
     def keys_of(self, layer: int, k, v, key_index, rows):
-        """Recursion-wise KV: the new keys join the layer's cached ones (with a cache) and the queries see both."""
+        """Recursion-wise KV: the new keys join the layer's cached ones (with a cache: of every batch row) and
+        the queries see both; returns keys, values, their indices and their batch rows (None: all)."""
         if self.cache is not None:
             k, v, key_index = own_cache_layer(self.cache, layer, RecursionCacheLayer).update_selected(
                 k, v, key_index, rows, self.batch)
+            rows = None
         self.seen[layer] = (k, v, key_index, rows)
-        return k, v, key_index
+        return self.seen[layer]
 
-    def shared_keys(self, source: int, rows):
-        """Recursive KV sharing: the keys that applied layer ``source`` (first recursion) saw, for ``rows``."""
-        k, v, key_index, source_rows = self.seen[source]
-        if rows is None or (source_rows is not None and torch.equal(rows, source_rows)):
-            return k, v, key_index
-        pick = rows if source_rows is None else torch.searchsorted(source_rows, rows)
-        return k[pick], v[pick], key_index[pick]
+    def shared_keys(self, source: int):
+        """Recursive KV sharing: what applied layer ``source`` (first recursion) saw, as ``keys_of`` returns it."""
+        return self.seen[source]
 
 
 @dataclass
@@ -164,15 +162,30 @@ class MoRAttention(Attention):
             batch, length, _ = hidden_states.shape
             q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
             q = apply_rotary(q, *position_embeddings)
-            k, v, key_index = step.recursion_pass.shared_keys(step.shared_source, step.rows)
+            k, v, key_index, key_rows = step.recursion_pass.shared_keys(step.shared_source)
         else:
             q, k, v = self.project(hidden_states, position_embeddings)
-            k, v, key_index = step.recursion_pass.keys_of(step.layer, k, v, step.query_index, step.rows)
-        mask = additive_position_mask(step.query_index, key_index, None, 0, q.dtype)
+            k, v, key_index, key_rows = step.recursion_pass.keys_of(step.layer, k, v, step.query_index, step.rows)
+        q, query_index, place = self.among_key_rows(q, step.query_index, step.rows, key_rows, k.shape[0])
+        mask = additive_position_mask(query_index, key_index, None, 0, q.dtype)
         out, weights = self.attend(q, k, v, mask)
+        if place is not None:  # back to the queries' rows
+            out, key_index = out[place], key_index[place]
+            weights = None if weights is None else weights[place]
         if step.recursion_pass.record_weights:
             step.recursion_pass.weights[step.layer] = (weights, step.query_index, key_index, step.rows)
         return self.o_proj(out), weights
+
+    @staticmethod
+    def among_key_rows(q, query_index, rows, key_rows, key_batch: int):
+        """Queries of batch ``rows`` placed at their rows among the keys' rows ``key_rows`` (None: all rows), the
+        other rows seeing no key; returns q, the query indices and where the queries' rows are (None: as given)."""
+        if rows is None or (key_rows is not None and rows.shape == key_rows.shape and torch.equal(rows, key_rows)):
+            return q, query_index, None
+        place = rows if key_rows is None else torch.searchsorted(key_rows, rows)
+        q = q.new_zeros(key_batch, *q.shape[1:]).index_copy(0, place, q)
+        query_index = query_index.new_full((key_batch, query_index.shape[1]), -1).index_copy(0, place, query_index)
+        return q, query_index, place
 
 
 class MoRDecoderLayer(MemoryDecoderLayer):
