@@ -73,8 +73,14 @@ def clip_scale(factors, max_grad_norm: float | None) -> torch.Tensor | None:
     return (max_grad_norm / squared.sqrt().clamp(min=1e-12)).clamp(max=1.0)
 
 
-def _gates(theta, eta, alpha):
-    return theta.float(), eta.float(), alpha.float().clamp(max=1 - 1e-6)
+def _in_fp32(q, k, v, theta, eta, alpha, weights, momentum, chunk_size: int):
+    """Every input in fp32 (alpha below 1, momentum zeros when not given); the length a whole number of chunks."""
+    if q.shape[2] % chunk_size:
+        raise ValueError(f"whole chunks only: {q.shape[2]} tokens, chunks of {chunk_size} (keep the rest as pending)")
+    weights = [w.float() for w in weights]
+    momentum = [torch.zeros_like(w) for w in weights] if momentum is None else [s.float() for s in momentum]
+    return (q.float(), k.float(), v.float(), theta.float(), eta.float(), alpha.float().clamp(max=1 - 1e-6),
+            weights, momentum)
 
 
 def neural_memory_reference(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size: int = 1,
@@ -82,13 +88,9 @@ def neural_memory_reference(q, k, v, theta, eta, alpha, weights, momentum=None, 
     """Token by token. q, k, v [B, H, T, d]; theta, eta, alpha [B, H, T]; weights: the memory's layers
     [B, H, d_in, d_out] (M_0, fp32); momentum: S_0 (zeros if None). T must be a multiple of ``chunk_size``.
     Returns y [B, H, T, d] (fp32) and the final (weights, momentum)."""
-    theta, eta, alpha = _gates(theta, eta, alpha)
-    q, k, v = q.float(), k.float(), v.float()
-    weights = [w.float() for w in weights]
-    momentum = [torch.zeros_like(w) for w in weights] if momentum is None else [s.float() for s in momentum]
+    q, k, v, theta, eta, alpha, weights, momentum = _in_fp32(q, k, v, theta, eta, alpha, weights, momentum,
+                                                             chunk_size)
     length = q.shape[2]
-    if length % chunk_size:
-        raise ValueError(f"the reference takes whole chunks: {length} tokens, chunks of {chunk_size}")
     committed, outputs = weights, []
     for start in range(0, length, chunk_size):
         for t in range(start, start + chunk_size):
@@ -117,13 +119,9 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, weights, momentum=None, ch
         c_j = theta_j sum_{i >= j} exp(l_beta[n] - l_beta[i] + l_eta[i] - l_eta[j])
 
     and each sum over G_j = a_j^T delta_j is one matmul (c * a)^T delta."""
-    theta, eta, alpha = _gates(theta, eta, alpha)
-    q, k, v = q.float(), k.float(), v.float()
-    weights = [w.float() for w in weights]
-    momentum = [torch.zeros_like(w) for w in weights] if momentum is None else [s.float() for s in momentum]
+    q, k, v, theta, eta, alpha, weights, momentum = _in_fp32(q, k, v, theta, eta, alpha, weights, momentum,
+                                                             chunk_size)
     length = q.shape[2]
-    if length % chunk_size:
-        raise ValueError(f"whole chunks only: {length} tokens, chunks of {chunk_size} (keep the rest as pending)")
     outputs = []
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()  # [i, j]: i >= j
     for start in range(0, length, chunk_size):
