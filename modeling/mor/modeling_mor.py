@@ -167,7 +167,9 @@ class MoRAttention(Attention):
             q, k, v = self.project(hidden_states, position_embeddings)
             k, v, key_index, key_rows = step.recursion_pass.keys_of(step.layer, k, v, step.query_index, step.rows)
         q, query_index, place = self.among_key_rows(q, step.query_index, step.rows, key_rows, k.shape[0])
-        mask = additive_position_mask(query_index, key_index, None, 0, q.dtype)
+        decoding = q.shape[2] == 1 and bool((key_index >= 0).all()) and bool((query_index >= 0).all())
+        # one new token per row, every kept key before it: nothing to mask
+        mask = None if decoding else additive_position_mask(query_index, key_index, None, 0, q.dtype)
         out, weights = self.attend(q, k, v, mask)
         if place is not None:  # back to the queries' rows
             out, key_index = out[place], key_index[place]
@@ -308,11 +310,14 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
     def _run_recursion(self, recursion: int, hidden, selected, stream_index, rope, recursion_pass, states):
         """Run the shared block's layers of ``recursion`` on the ``selected`` [B, T] tokens of ``hidden``,
         gathered per row in order into [B', k] (B' the rows with a selected token); returns the gather
-        (rows, order [B', k], valid [B', k]) with the block's input and output there, or None if no token."""
+        (rows, order [B', k], valid [B', k]; all None when every token is selected) with the block's input and
+        output there, or None if no token."""
         config = self.config
         counts = selected.sum(1)
         if not bool((counts > 0).any()):
             return None
+        if bool(selected.all()):  # every token: nothing to gather
+            return self._run_block(recursion, hidden, rope, stream_index, (None, None, None), recursion_pass, states)
         rows = None if bool((counts > 0).all()) else torch.nonzero(counts > 0).squeeze(1)
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         size = int(counts.max())
@@ -323,22 +328,27 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
         def gather(t):  # [B, T, d] -> the gathered tokens [B', k, d]
             return pick(t).gather(1, order[..., None].expand(-1, -1, t.shape[-1]))
 
-        block_input = gather(hidden)
-        position_embeddings = (gather(rope[0]), gather(rope[1]))
-        first = config.recursion_layers(0)
-        x = block_input
+        return self._run_block(recursion, gather(hidden), (gather(rope[0]), gather(rope[1])), query_index,
+                               (rows, order, valid), recursion_pass, states, hidden)
+
+    def _run_block(self, recursion, block_input, rope, query_index, gathered, recursion_pass, states, hidden=None):
+        """The shared block's layers of ``recursion`` on the gathered tokens ``block_input`` [B', k, d]."""
+        config = self.config
+        first, x = config.recursion_layers(0), block_input
         for i, layer in enumerate(config.recursion_layers(recursion)):
             shares = config.kv_cache_scheme == "recursive_sharing" and recursion > 0
-            step = RecursionStep(recursion_pass, layer, query_index, rows, first[i] if shares else None)
-            x = self.layers[config.unique_layer(layer)](x, position_embeddings=position_embeddings, step=step)
+            step = RecursionStep(recursion_pass, layer, query_index, gathered[0], first[i] if shares else None)
+            x = self.layers[config.unique_layer(layer)](x, position_embeddings=rope, step=step)
             if states is not None and i + 1 < config.block_size:  # the last one is recorded once combined
-                states.append(self._scatter(hidden, (rows, order, valid), x))
-        return (rows, order, valid), block_input, x
+                states.append(self._scatter(block_input if hidden is None else hidden, gathered, x))
+        return gathered, block_input, x
 
     @staticmethod
     def _scatter(hidden, gathered, values):
         """``hidden`` [B, T, d] with the gathered tokens' entries replaced by ``values`` [B', k, d]."""
         rows, order, valid = gathered
+        if order is None:
+            return values
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         index = order[..., None].expand(-1, -1, hidden.shape[-1])
         values = torch.where(valid[..., None], values, pick(hidden).gather(1, index))  # padded slots: unchanged
@@ -410,6 +420,8 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
     @staticmethod
     def _gather_tokens(x, gathered):
         rows, order, _ = gathered
+        if order is None:
+            return x
         x = x if rows is None else x[rows]
         return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
