@@ -56,6 +56,7 @@ class MoRConfig(HFMemoryConfig):
         itself with a BCE towards the top-k choice (coefficient ``router_aux_loss_coef``, paper 0.001) and
         continues a token where sigmoid(w_r^T h) >= 0.5; ``"aux_router"`` trains a separate router on the
         detached hidden state for that decision. A recursion of capacity 1.0 keeps every token.
+        ``capacities`` (default (N_r - r) / N_r) are read by expert-choice only.
       * ``"token_choice"``: one router at the block input assigns each token a depth, top-1 of
         ``router_alpha`` * softmax(W h) over the N_r depths; a balancing loss (coefficient
         ``router_aux_loss_coef``, 0.1) and a z-loss (``router_z_loss_coef``, 1e-5).
