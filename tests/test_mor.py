@@ -207,6 +207,23 @@ def test_routers_give_token_dependent_depths_at_inference():
         assert len(depth.unique()) > 1, overrides
 
 
+def test_hidden_states_hold_one_entry_per_applied_layer_even_when_no_token_reaches_a_depth():
+    class Stop(nn.Module):  # a router whose logit is -5 for every token: nobody continues
+        def forward(self, hidden):
+            return hidden.new_full((*hidden.shape[:-1], 1), -5.0)
+
+    model = build("mor-tiny")
+    model.model.routers[2] = Stop()
+    ids = random_ids(model.config, 2, 12)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    assert out.recursion_depth.max() == 2
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    recursion_3 = model.config.recursion_layers(2)
+    for layer in recursion_3:  # the states after the skipped layers are the states before them
+        assert torch.equal(out.hidden_states[layer + 1], out.hidden_states[recursion_3[0]])
+
+
 # ---------------------------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("routing", ROUTED, ids=["expert", "expert-aux-router", "token", "none"])

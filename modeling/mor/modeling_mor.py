@@ -312,9 +312,10 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
         gathered per row in order into [B', k] (B' the rows with a selected token); returns the gather
         (rows, order [B', k], valid [B', k]; all None when every token is selected) with the block's input and
         output there, or None if no token."""
-        config = self.config
         counts = selected.sum(1)
         if not bool((counts > 0).any()):
+            if states is not None:  # the block's layers leave every state as it is
+                states.extend([hidden] * (self.config.block_size - 1))
             return None
         if bool(selected.all()):  # every token: nothing to gather
             return self._run_block(recursion, hidden, rope, stream_index, (None, None, None), recursion_pass, states)
