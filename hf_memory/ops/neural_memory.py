@@ -70,7 +70,7 @@ def clip_scale(factors, max_grad_norm: float | None) -> torch.Tensor | None:
     if max_grad_norm is None:
         return None
     squared = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in factors)
-    return (max_grad_norm / squared.sqrt().clamp(min=1e-12)).clamp(max=1.0)
+    return (max_grad_norm / squared.clamp(min=1e-24).sqrt()).clamp(max=1.0)  # no infinite d sqrt at 0
 
 
 def _in_fp32(q, k, v, theta, eta, alpha, weights, momentum, chunk_size: int):

@@ -49,3 +49,14 @@ def short_conv(
         return causal_conv1d_reference(x, weight, bias, activation)
     full = torch.cat([history.to(x.dtype), x], dim=-1)
     return causal_conv1d_reference(full, weight, bias, activation)[..., -x.shape[-1] :]
+
+
+def conv_projections(x: torch.Tensor, projections, convs, history: torch.Tensor | None = None,
+                     use_fused_kernels: bool = True):
+    """SiLU(DepthwiseConv(W x)) for each projection W (``nn.Linear``) and its depthwise ``nn.Conv1d``, run as one
+    causal conv over the concatenated channels (q, k, v of Gated DeltaNet and Titans' memory). x [B, T, D];
+    returns the conv input [B, sum D_i, T] (the history a cache keeps) and the outputs [B, T, D_i]."""
+    inputs = torch.cat([projection(x) for projection in projections], dim=-1).transpose(1, 2)
+    weight = torch.cat([conv.weight for conv in convs])[:, 0]
+    mixed = short_conv(inputs, weight, None, "silu", history=history, use_fused_kernels=use_fused_kernels)
+    return inputs, mixed.transpose(1, 2).split([projection.out_features for projection in projections], dim=-1)

@@ -28,7 +28,7 @@ from hf_memory.modeling_utils import (
     padding_mask,
 )
 from hf_memory.ops.gated_delta import gated_delta_rule
-from hf_memory.ops.short_conv import short_conv
+from hf_memory.ops.short_conv import conv_projections
 
 from .configuration_gated_deltanet import GatedDeltaNetConfig
 
@@ -92,11 +92,9 @@ class GatedDeltaNetMixer(nn.Module):
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
         conv_history, state = recurrent_state(cache, self.layer_idx)
 
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)  # [B, D, T]
-        conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
-        mixed = short_conv(qkv, conv_weight, None, "silu", history=conv_history,
-                           use_fused_kernels=self.use_fused_kernels).transpose(1, 2)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        qkv, (q, k, v) = conv_projections(x, (self.q_proj, self.k_proj, self.v_proj),
+                                          (self.q_conv1d, self.k_conv1d, self.v_conv1d), conv_history,
+                                          self.use_fused_kernels)
         q = l2_normalize(q.reshape(batch, length, self.num_heads, self.head_k_dim))
         k = l2_normalize(k.reshape(batch, length, self.num_heads, self.head_k_dim))
         v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim)

@@ -1,0 +1,52 @@
+"""Titans' neural memory as a token mixer: the memory learns within a sequence, a left-padded row reads and
+writes its memory as the same row unpadded, the chunk size is that of the operator, and every parameter learns."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_memory.modeling.titans.configuration_titans import TitansConfig
+from hf_memory.modeling.titans.modeling_titans import NeuralMemory
+def _memory(**overrides):
+    config = TitansConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, memory_chunk_size=4, **overrides)
+    torch.manual_seed(0)
+    return NeuralMemory(config, 0)
+
+
+def test_a_left_padded_row_gives_its_unpadded_outputs():
+    memory = _memory()
+    x = torch.randn(2, 19, 32)
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        batched, _ = memory(x, attention_mask=mask)
+        alone, _ = memory(x[1:, 6:])
+    torch.testing.assert_close(batched[1, 6:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_mixer_gives_the_same_outputs_and_gradients_through_the_token_by_token_reference(monkeypatch):
+    import hf_memory.modeling.titans.modeling_titans as titans
+    from hf_memory.ops.neural_memory import neural_memory_reference
+
+    x = torch.randn(2, 15, 32)
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[0, :5] = 0
+    results = []
+    for implementation in (titans.neural_memory_chunked, neural_memory_reference):
+        monkeypatch.setattr(titans, "neural_memory_chunked", implementation)
+        memory = _memory()
+        out, _ = memory(x, attention_mask=mask)
+        out[mask.bool()].square().sum().backward()
+        results.append((out[mask.bool()], [p.grad for p in memory.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for ours, theirs in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5)
+
+
+def test_every_memory_parameter_gets_a_gradient():
+    memory = _memory()
+    out, _ = memory(torch.randn(2, 13, 32))
+    out.square().sum().backward()
+    for name, parameter in memory.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
