@@ -1,7 +1,7 @@
 """Titans (Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663).
 
-Built so far: the neural long-term memory as a token mixer (section 3.1 and 4.4). The MAC / MAG / MAL blocks,
-the cache and the model follow (issue 11).
+Built so far: the neural long-term memory as a token mixer (sections 3.1 and 4.4) and its decoding state. The
+MAC / MAG / MAL blocks, the cache layer of the model and the model follow (issue 11).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_memory.cache import RowStateCacheLayer
 from hf_memory.layers.norms import GatedRMSNorm
 from hf_memory.modeling_utils import padding_mask
 from hf_memory.ops.neural_memory import neural_memory_chunked
@@ -22,6 +23,31 @@ from .configuration_titans import TitansConfig
 
 # starting gates (sigmoid of the bias): step theta / max_lr 0.12, momentum eta 0.9, forgetting alpha 0.01
 GATE_BIAS_INIT = {"step": -2.0, "momentum": 2.2, "forget": -4.6}
+
+
+class NeuralMemoryState(RowStateCacheLayer):
+    """A neural memory's decoding state, per row: the committed weights and momentum of every memory layer
+    [B, H, d_in, d_out] (fp32), the unfinished chunk's keys, values [B, H, chunk, d] and gates [B, H, chunk, 3]
+    with its length ``pending`` [B], and the conv history [B, 3 * H * d, kernel - 1]."""
+
+    tensor_names = ("pending_k", "pending_v", "pending_gates", "pending", "conv")
+    crop_refusal = "a neural memory cannot be cropped: its weights cannot be rolled back"
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.weights = self.momentum = None
+
+    def store(self, weights, momentum, pending_k, pending_v, pending_gates, pending, conv, new_tokens: int) -> None:
+        self.weights, self.momentum = weights, momentum
+        self.pending_k, self.pending_v, self.pending_gates, self.pending, self.conv = (
+            pending_k, pending_v, pending_gates, pending, conv)
+        self.tokens += new_tokens
+        self.is_initialized = True
+
+    def _map_tensors(self, fn) -> None:
+        super()._map_tensors(fn)
+        if self.weights is not None:
+            self.weights, self.momentum = [fn(w) for w in self.weights], [fn(s) for s in self.momentum]
 
 
 class NeuralMemory(nn.Module):
@@ -71,33 +97,70 @@ class NeuralMemory(nn.Module):
             theta, alpha, eta = theta * real, alpha * real, torch.where(real, eta, 1.0)
         return (g.transpose(1, 2) for g in (theta, eta, alpha))
 
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, state: NeuralMemoryState | None = None, **kwargs):
+        """The memory's output for the new tokens; with ``state`` (a cache's), the tokens continue its stream and
+        the state is updated: committed weights and momentum, the unfinished chunk, the conv history."""
         batch, length, _ = hidden_states.shape
         mask = padding_mask(attention_mask, length)
-        keep = None if mask is None else mask.bool()
-        x = hidden_states if keep is None else hidden_states * keep[..., None].to(hidden_states.dtype)
-        _, (q, k, v) = conv_projections(x, (self.q_proj, self.k_proj, self.v_proj),
-                                        (self.q_conv1d, self.k_conv1d, self.v_conv1d))
+        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device) if mask is None \
+            else mask.bool()
+        x = hidden_states * keep[..., None].to(hidden_states.dtype)
+        history = None if state is None else state.conv
+        inputs, (q, k, v) = conv_projections(x, (self.q_proj, self.k_proj, self.v_proj),
+                                             (self.q_conv1d, self.k_conv1d, self.v_conv1d), history)
         q, k, v = (t.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        theta, eta, alpha = self.gates(x, keep)
-
-        order = real_first(torch.ones(batch, length, dtype=torch.bool, device=x.device) if keep is None else keep)
-
-        def in_chunks(t):  # [B, H, T, d] or [B, H, T] -> each row's real tokens first, zero-filled to whole chunks
-            if t.dim() == 3:
-                return to_segments(t[..., None], order, self.chunk_size)[..., 0]
-            return to_segments(t, order, self.chunk_size)
-
-        # after a row's tokens: no step, no forgetting, momentum kept (eta = 1 - the zero fill)
-        theta, eta, alpha = in_chunks(theta), 1 - in_chunks(1 - eta), in_chunks(alpha)
-        weights = [w[None].expand(batch, *w.shape) for w in self.memory_init]
-        y, _, _ = neural_memory_chunked(in_chunks(q), in_chunks(k), in_chunks(v.float()), theta, eta, alpha, weights,
-                                        chunk_size=self.chunk_size, max_grad_norm=self.max_grad_norm)
-        y = from_segments(y, order).transpose(1, 2)  # [B, T, H, d]
+        q, k, v = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1), v.float()
+        gates = torch.stack(list(self.gates(x, keep)), dim=-1)  # [B, H, T, 3]: theta, eta, alpha
+        valid = keep
+        if state is not None and state.pending is not None:  # the unfinished chunk goes first
+            held = state.pending_k.shape[2]
+            q = torch.cat([torch.zeros_like(state.pending_k), q], dim=2)
+            k, v = torch.cat([state.pending_k, k], dim=2), torch.cat([state.pending_v, v], dim=2)
+            gates = torch.cat([state.pending_gates, gates], dim=2)
+            valid = torch.cat([torch.arange(held, device=keep.device)[None] < state.pending[:, None], keep], dim=1)
+        y, weights, momentum, unfinished = self.read_and_write(q, k, v, gates, valid, state)
+        y = y[:, :, -length:].transpose(1, 2)  # [B, T, H, d]
+        if state is not None:
+            window = inputs if history is None else torch.cat([history, inputs], dim=-1)
+            conv = F.pad(window, (self.conv_size - 1, 0))[..., 1 - self.conv_size :]  # the last kernel - 1 inputs
+            state.store(weights, momentum, *unfinished, conv, length)
         gate = self.g_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         out = self.o_norm(y.to(x.dtype), gate).reshape(batch, length, -1)
         return self.o_proj(out), None
 
+    def read_and_write(self, q, k, v, gates, valid, state):
+        """The memory over each row's real tokens (``valid`` [B, S]) taken in order and in whole chunks: the
+        outputs at the input's positions, the weights and momentum after each row's last complete chunk, and that
+        row's remaining tokens (keys, values, gates padded to a chunk, their count)."""
+        batch, c = q.shape[0], self.chunk_size
+        order, real = real_first(valid), valid.sum(1)
+        q, k, v = (to_segments(t, order, c) for t in (q, k, v))
+        theta, eta, alpha = to_segments(gates, order, c).unbind(-1)
+        eta = torch.where(torch.arange(eta.shape[-1], device=eta.device) < real[:, None, None], eta, 1.0)
+        if state is not None and state.weights is not None:
+            weights, momentum = state.weights, state.momentum
+        else:
+            weights = [w[None].expand(batch, *w.shape).float() for w in self.memory_init]
+            momentum = [torch.zeros_like(w) for w in weights]
+        outputs = []
+        for n in range(q.shape[2] // c):
+            chunk = slice(n * c, (n + 1) * c)
+            y, new_weights, new_momentum = neural_memory_chunked(
+                q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], theta[:, :, chunk], eta[:, :, chunk],
+                alpha[:, :, chunk], weights, momentum, chunk_size=c, max_grad_norm=self.max_grad_norm)
+            done = (real >= (n + 1) * c)[:, None, None, None]  # the row's chunk is complete: commit it
+            weights = [torch.where(done, new, old) for new, old in zip(new_weights, weights)]
+            momentum = [torch.where(done, new, old) for new, old in zip(new_momentum, momentum)]
+            outputs.append(y)
+        y = from_segments(torch.cat(outputs, dim=2), order)
+        start = real // c * c  # each row's unfinished chunk
+        slots = (start[:, None] + torch.arange(c, device=q.device)).clamp(max=q.shape[2] - 1)
+        pick = slots[:, None, :, None]
+        unfinished = (k.gather(2, pick.expand(-1, k.shape[1], -1, k.shape[-1])),
+                      v.gather(2, pick.expand(-1, v.shape[1], -1, v.shape[-1])),
+                      torch.stack([g.gather(2, slots[:, None].expand(-1, g.shape[1], -1)) for g in (theta, eta, alpha)],
+                                  dim=-1), real - start)
+        return y, weights, momentum, unfinished
 
-__all__ = ["NeuralMemory"]
+
+__all__ = ["NeuralMemory", "NeuralMemoryState"]
