@@ -131,7 +131,7 @@ class NeuralMemory(nn.Module):
     def read_and_write(self, q, k, v, gates, valid, state):
         """The memory over each row's real tokens (``valid`` [B, S]) taken in order and in whole chunks: the
         outputs at the input's positions, the weights and momentum after each row's last complete chunk, and that
-        row's remaining tokens (keys, values, gates padded to a chunk, their count)."""
+        row's remaining tokens (keys, values, gates padded to a chunk, their count; only with a ``state``)."""
         batch, c = q.shape[0], self.chunk_size
         order, real = real_first(valid), valid.sum(1)
         q, k, v = (to_segments(t, order, c) for t in (q, k, v))
@@ -153,6 +153,8 @@ class NeuralMemory(nn.Module):
             momentum = [torch.where(done, new, old) for new, old in zip(new_momentum, momentum)]
             outputs.append(y)
         y = from_segments(torch.cat(outputs, dim=2), order)
+        if state is None:  # nothing to keep
+            return y, weights, momentum, None
         start = real // c * c  # each row's unfinished chunk
         slots = (start[:, None] + torch.arange(c, device=q.device)).clamp(max=q.shape[2] - 1)
         pick = slots[:, None, :, None]
