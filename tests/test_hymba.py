@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, Fal
 from hf_memory import cli
 from hf_memory.conversion.hymba import LAYER_NAMES
 from hf_memory.layers.attention import eager_attention
+from hf_memory.modeling.hymba.modeling_hymba import FLEX_MIN_QUERIES
 from hf_memory.ops.position_masked_attention import (
     additive_position_mask,
     flex_block_mask,
@@ -153,9 +154,10 @@ def test_compiled_flex_attention_matches_the_reference_forward_and_backward_on_c
 @gpu
 def test_hymba_trains_the_same_with_flex_attention_as_with_the_reference_on_cuda():
     """Left-padded batch through hymba-tiny on CUDA: logits and every gradient agree with fused kernels on (flex
-    attention, mamba-ssm where installed) and off."""
-    fused, reference = (build("hymba-tiny", use_fused_kernels=flag).cuda() for flag in (True, False))
-    assert_same_training_step(fused, reference, length=40, pads=7)
+    attention from FLEX_MIN_QUERIES queries, mamba-ssm where installed) and off (eager attention)."""
+    fused, reference = (build("hymba-tiny", use_fused_kernels=flag, attn_implementation=name).cuda()
+                        for flag, name in ((True, "sdpa"), (False, "eager")))
+    assert_same_training_step(fused, reference, length=FLEX_MIN_QUERIES + 40, pads=7)
 
 
 def test_a_kv_consumer_has_no_key_value_projections_and_reads_its_producers_keys():
@@ -303,3 +305,30 @@ def test_the_attention_mask_is_built_once_per_window_in_a_forward(monkeypatch):
         assert len(built) == 2
         model(ids[:, 19:], cache=out.cache, use_cache=True)
     assert len(built) == 4
+
+
+def test_flex_attention_takes_long_queries_and_sdpa_takes_short_ones_on_cuda(monkeypatch):
+    """Dispatch, pinned on CPU with CUDA pretended: a prefill of FLEX_MIN_QUERIES queries or more goes through flex
+    attention (the uncompiled function stands in for the compiled one) in every attention layer; a decoding step
+    goes through SDPA with the dense mask (flex's decoding kernel found no configuration on an H200); both equal
+    the eager reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hf_memory import kernels
+
+    calls = []
+    monkeypatch.setitem(kernels._loaded, "flex_attention", lambda *a, **k: calls.append(a[0].shape) or flex_attention(
+        *a, **k))
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    fused, reference = (build("hymba-tiny", attn_implementation=name) for name in ("sdpa", "eager"))
+    ids = random_ids(fused.config, 1, FLEX_MIN_QUERIES + 1)
+    with torch.no_grad():
+        logits = []
+        for model in (fused, reference):
+            out = model(ids[:, :-1], use_cache=True)
+            step = model(ids[:, -1:], cache=out.cache, use_cache=True)
+            logits.append(torch.cat([out.logits, step.logits], dim=1))
+    attention_layers = fused.config.num_hidden_layers
+    assert len(calls) == attention_layers and all(shape[2] >= FLEX_MIN_QUERIES for shape in calls)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)

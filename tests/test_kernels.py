@@ -34,10 +34,10 @@ def fake_kernel(monkeypatch):
     return calls
 
 
-def _inputs(length=20):
-    q = F.normalize(torch.randn(2, length, 2, 8), dim=-1)
-    k = F.normalize(torch.randn(2, length, 2, 8), dim=-1)
-    v = torch.randn(2, length, 4, 8)
+def _inputs(length=20, head_dim=16):
+    q = F.normalize(torch.randn(2, length, 2, head_dim), dim=-1)
+    k = F.normalize(torch.randn(2, length, 2, head_dim), dim=-1)
+    v = torch.randn(2, length, 4, head_dim)
     g = -torch.rand(2, length, 4)
     beta = torch.rand(2, length, 4)
     return q, k, v, g, beta
@@ -52,15 +52,56 @@ def test_cpu_tensors_never_reach_a_fused_kernel_even_when_it_is_installed(fake_k
 def test_cuda_tensors_use_the_fused_kernel_with_the_reference_layout(fake_kernel, monkeypatch):
     monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
     q, k, v, g, beta = _inputs()
-    state = torch.randn(2, 4, 8, 8)
+    state = torch.randn(2, 4, 16, 16)
     o, final = gated_delta.gated_delta_rule(q, k, v, g, beta, state)
     assert len(fake_kernel) == 1
     assert fake_kernel[0]["q"].shape[2] == 4  # key heads repeated for the 4 value heads
-    assert fake_kernel[0]["scale"] == 8**-0.5
+    assert fake_kernel[0]["scale"] == 16**-0.5
     monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: False)
     o_ref, final_ref = gated_delta.gated_delta_rule(q, k, v, g, beta, state)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(final, final_ref)
+
+
+def test_one_step_kernel_receives_the_gate_and_beta_by_name_under_flash_linear_attentions_signature(monkeypatch):
+    """flash-linear-attention >= 0.4 declares ``(q, k, v, g, gk, gv, beta, scale, ...)``: a beta passed fifth
+    would become a key-wise gate (this decoded wrong on an H200 before it was passed by name)."""
+    calls = []
+
+    def fused_recurrent(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None,
+                        output_final_state=False):
+        calls.append(dict(gk=gk, gv=gv))
+        return gated_delta.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state)
+
+    monkeypatch.setitem(kernels._loaded, "fused_recurrent_gated_delta_rule", fused_recurrent)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    q, k, v, g, beta = _inputs(length=1)
+    state = torch.randn(2, 4, 16, 16)
+    o, final = gated_delta.gated_delta_rule(q, k, v, g, beta, state)
+    assert calls == [dict(gk=None, gv=None)]
+    o_ref, final_ref = gated_delta.gated_delta_rule(q, k, v, g, beta, state, use_fused_kernels=False)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(final, final_ref)
+
+
+def test_a_single_token_that_needs_a_gradient_takes_the_chunk_kernel(fake_kernel, monkeypatch):
+    """flash-linear-attention's one-step kernel is forward-only (its backward raises NotImplementedError)."""
+    monkeypatch.setitem(kernels._loaded, "fused_recurrent_gated_delta_rule",
+                        lambda *args, **kwargs: pytest.fail("forward-only kernel used under autograd"))
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    q, k, v, g, beta = _inputs(length=1)
+    gated_delta.gated_delta_rule(q, k, v.requires_grad_(), g, beta)
+    assert len(fake_kernel) == 1
+
+
+def test_head_sizes_below_16_take_the_reference(fake_kernel, monkeypatch):
+    """flash-linear-attention multiplies with tl.dot, which needs dimensions of at least 16."""
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    gated_delta.gated_delta_rule(*_inputs(head_dim=8))
+    assert fake_kernel == []
+    gated_delta.gated_delta_rule(*_inputs(head_dim=16))
+    assert len(fake_kernel) == 1
 
 
 @pytest.mark.parametrize("switch", ["config", "env-all", "env-op"])
@@ -124,8 +165,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("length", [1, 100, 256])
 def test_fla_gated_delta_rule_matches_reference_forward_and_backward(dtype, length):
     torch.manual_seed(0)
-    q, k, v, g, beta = (t.cuda() for t in _inputs(length))
-    state = torch.randn(2, 4, 8, 8, device="cuda") * 0.1
+    q, k, v, g, beta = (t.cuda() for t in _inputs(length, head_dim=32))
+    state = torch.randn(2, 4, 32, 32, device="cuda") * 0.1
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [g.requires_grad_(), beta.to(dtype).requires_grad_()]
     results = {}
     for use_fused_kernels in (True, False):
@@ -137,6 +178,21 @@ def test_fla_gated_delta_rule_matches_reference_forward_and_backward(dtype, leng
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     for fused, reference in zip(results[True], results[False]):
         torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fla_one_step_kernel_matches_the_recurrence_when_decoding(dtype):
+    torch.manual_seed(0)
+    q, k, v, g, beta = (t.cuda().to(dtype) if t.dim() == 4 else t.cuda() for t in _inputs(1, head_dim=32))
+    state = torch.randn(2, 4, 32, 32, device="cuda") * 0.1
+    with torch.no_grad():
+        fused, reference = (gated_delta.gated_delta_rule(q, k, v, g, beta, state, use_fused_kernels=flag)
+                            for flag in (True, False))
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
 
 
 @gpu
@@ -240,15 +296,12 @@ def test_mamba_ssm_selective_scan_matches_reference_forward_and_backward(length)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_triton_memory_read_and_write_match_reference_forward_and_backward_under_the_interpreter():
-    run_python(textwrap.dedent("""
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on CPU
+TRITON_MEMORY_CHECK = """
         import torch
         from hf_memory.ops.compressive_memory import empty_memory, retrieve, update
         from hf_memory.ops.triton_memory import memory_retrieve
         torch.manual_seed(0)
+        torch.set_default_device(DEVICE)
         q = torch.randn(2, 4, 21, 16)
         k, v = torch.randn(2, 2, 21, 16), torch.randn(2, 2, 21, 32)
         memory, norm = update(*empty_memory(k, v), k, v, rule="delta")
@@ -278,7 +331,19 @@ def test_triton_memory_read_and_write_match_reference_forward_and_backward_under
             for fused, reference in zip(*results):
                 assert (fused - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), rule
         print("ok")
-    """))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_memory_read_and_write_match_reference_forward_and_backward_under_the_interpreter():
+    # TRITON_INTERPRET is read when triton is imported: the fresh process runs the kernels on CPU
+    run_python('DEVICE = "cpu"' + textwrap.dedent(TRITON_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "1"})
+
+
+@gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_memory_read_and_write_match_reference_forward_and_backward_on_cuda():
+    run_python('DEVICE = "cuda"' + textwrap.dedent(TRITON_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "0"})
 
 
 def test_memory_read_dispatches_to_the_triton_kernel_only_for_cuda_and_supported_dims(monkeypatch):

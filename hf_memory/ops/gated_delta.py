@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hf_memory.kernels import fused_kernel
+from hf_memory.kernels import fused_kernel, needs_grad
 
 
 def gated_delta_rule_recurrent(
@@ -134,17 +134,24 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatching entry point: fused kernel on CUDA when available, else the PyTorch references.
 
-    Single-token calls (decode) take the recurrent form; longer ones the chunked form. The returned state is fp32.
+    Single-token calls (decode) take the recurrent form; longer ones, and single tokens that need a gradient
+    (flash-linear-attention's recurrent kernel has no backward), the chunked form. flash-linear-attention's kernels
+    multiply with ``tl.dot``, which needs head sizes of at least 16: smaller ones take the references. The
+    returned state is fp32.
     """
     q, k = _repeat_key_heads(q, k, v.shape[2])
     single_step = q.shape[1] == 1
-    op = "fused_recurrent_gated_delta_rule" if single_step else "chunk_gated_delta_rule"
-    kernel = fused_kernel(op, q, k, v, use_fused_kernels=use_fused_kernels)
+    op = ("fused_recurrent_gated_delta_rule" if single_step and not needs_grad(q, k, v, g, beta, initial_state)
+          else "chunk_gated_delta_rule")
+    dot_sized = min(k.shape[-1], v.shape[-1]) >= 16
+    kernel = fused_kernel(op, q, k, v, use_fused_kernels=use_fused_kernels and dot_sized)
     if kernel is not None:
         state = None if initial_state is None else initial_state.float().contiguous()
+        # g and beta by name: flash-linear-attention >= 0.4 puts key- and value-wise gates between them
         o, final_state = kernel(
-            q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(), beta.contiguous().to(q.dtype),
-            scale=k.shape[-1] ** -0.5, initial_state=state, output_final_state=True,
+            q.contiguous(), k.contiguous(), v.contiguous(), g=g.float().contiguous(),
+            beta=beta.contiguous().to(q.dtype), scale=k.shape[-1] ** -0.5, initial_state=state,
+            output_final_state=True,
         )
         return o, final_state.float()
     if single_step:

@@ -38,6 +38,11 @@ from hf_memory.modeling_utils import (
 
 from .configuration_hymba import LAYER_TYPES, HymbaConfig
 
+# Fewer queries than this (decoding, prefill in small pieces) take SDPA with the dense mask: the keys are the
+# bounded cache, and flex attention would switch to its decoding kernel, which (torch 2.11, H200) found no valid
+# configuration for these head sizes.
+FLEX_MIN_QUERIES = 128
+
 
 class ParallelHybridCacheLayer(LinearAttentionLayer, DynamicLayer):
     """Cache of one parallel layer: the SSM's conv history and fp32 state (as any ``"linear_attention"`` layer)
@@ -201,10 +206,12 @@ class HymbaMixer(nn.Module):
 
     def attend(self, q, k, v, positions, key_positions, shared, **kwargs):
         """Attention under the meta-token + window mask of positions (``position_masked_attention``): flex
-        attention with a block mask on CUDA where the fused kernels are on, the configured eager / sdpa attention
-        with the additive mask (the definition) otherwise or when attention maps are asked for."""
+        attention with a block mask on CUDA where the fused kernels are on and at least ``FLEX_MIN_QUERIES``
+        queries come, the configured eager / sdpa attention with the additive mask (the definition) otherwise or
+        when attention maps are asked for."""
         need_weights = kwargs.get("output_attentions", self.config.output_attentions)
-        flex = None if need_weights or self.config._attn_implementation == "eager" else fused_kernel(
+        short = q.shape[2] < FLEX_MIN_QUERIES
+        flex = None if need_weights or short or self.config._attn_implementation == "eager" else fused_kernel(
             "flex_attention", q, k, v, use_fused_kernels=self.config.use_fused_kernels)
         if flex is not None:
             block_mask = self.shared_mask("flex", flex_block_mask, positions, key_positions, shared)
