@@ -16,7 +16,7 @@ from hf_memory.registry import Architecture, Preset
 
 __version__ = "0.1.0"
 
-ARCHITECTURE_NAMES = ("gated_deltanet", "jamba", "hymba", "infini_attention", "rmt", "mor")
+ARCHITECTURE_NAMES = ("gated_deltanet", "jamba", "hymba", "infini_attention", "rmt", "mor", "titans")
 
 ARCHITECTURES: dict[str, Architecture] = {
     name: importlib.import_module(f"hf_memory.modeling.{name}").ARCHITECTURE for name in ARCHITECTURE_NAMES

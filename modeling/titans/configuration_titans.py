@@ -50,7 +50,7 @@ class TitansConfig(HFMemoryConfig):
     num_attention_heads: int = 16
     rope_parameters: dict | None = None
     max_position_embeddings: int = 4096
-    variant: str = "mac"
+    variant: str = "mag"
     memory_num_heads: int | None = None
     memory_head_dim: int | None = None
     memory_depth: int = 2
@@ -80,6 +80,7 @@ class TitansConfig(HFMemoryConfig):
         require_attention(self)
         require_rope(self)
         require(self.variant in VARIANTS, "variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
+        require(self.variant != "mac", "variant", "'mac' (memory as context) is not built yet: use 'mag' or 'mal'")
         require_layer_types(self, (f"titans_{self.variant}",))
         require_positive(self, "memory_num_heads", "memory_head_dim", "memory_depth", "memory_expansion",
                          "memory_chunk_size", "memory_conv_kernel", "segment_size", "sliding_window")

@@ -1,7 +1,14 @@
 """Titans (Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663).
 
-Built so far: the neural long-term memory as a token mixer (sections 3.1 and 4.4) and its decoding state. The
-MAC / MAG / MAL blocks, the cache layer of the model and the model follow (issue 11).
+A neural long-term memory (an MLP per head whose weights are learned at test time by gradient steps with momentum
+and forgetting, sections 3.1 and 4.4) beside sliding-window attention with persistent memory (section 3.3):
+
+    MAG (memory as a gate, eqs. 26-28):   o = RMSNorm(SW-Attn*(x)) * sigmoid(RMSNorm(M(x)))
+    MAL (memory as a layer, eqs. 29-31):  y = M(x), o = SW-Attn*(y), each with its own residual
+
+SW-Attn* attends over the layer's ``num_persistent_tokens`` learned keys and values (the persistent memory,
+visible to every query) and the last ``sliding_window`` tokens. MAC (memory as context) is not built yet.
+The memory's math lives in ``hf_memory.ops.neural_memory``; this file is the layers, their cache and the model.
 """
 
 from __future__ import annotations
@@ -12,17 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_memory.cache import RowStateCacheLayer
-from hf_memory.layers.norms import GatedRMSNorm
-from hf_memory.modeling_utils import padding_mask
+from transformers import cache_utils
+from transformers import initialization as init
+
+from hf_memory.cache import RowStateCacheLayer, own_cache_layer
+from hf_memory.layers.attention import Attention
+from hf_memory.layers.norms import GatedRMSNorm, RMSNorm
+from hf_memory.modeling_utils import (
+    HFMemoryForCausalLM,
+    HFMemoryModel,
+    HFMemoryPreTrainedModel,
+    MemoryDecoderLayer,
+    padding_mask,
+)
 from hf_memory.ops.neural_memory import neural_memory_chunked
+from hf_memory.ops.position_masked_attention import additive_position_mask
 from hf_memory.ops.short_conv import conv_projections
 from hf_memory.segments import from_segments, real_first, to_segments
 
-from .configuration_titans import TitansConfig
+from .configuration_titans import LAYER_TYPES, TitansConfig
 
 # starting gates (sigmoid of the bias): step theta / max_lr 0.12, momentum eta 0.9, forgetting alpha 0.01
-GATE_BIAS_INIT = {"step": -2.0, "momentum": 2.2, "forget": -4.6}
+GATE_BIAS_INIT = {"theta": -2.0, "eta": 2.2, "alpha": -4.6}
 
 
 class NeuralMemoryState(RowStateCacheLayer):
@@ -73,9 +91,10 @@ class NeuralMemory(nn.Module):
         self.v_proj = nn.Linear(hidden, inner, bias=False)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (nn.Conv1d(inner, inner, self.conv_size, groups=inner,
                                                                  bias=False) for _ in range(3))
-        self.step_proj = nn.Linear(hidden, self.num_heads)  # theta
-        self.momentum_proj = nn.Linear(hidden, self.num_heads)  # eta
-        self.forget_proj = nn.Linear(hidden, self.num_heads)  # alpha
+        self.step_proj = nn.Linear(hidden, self.num_heads, bias=False)  # theta
+        self.momentum_proj = nn.Linear(hidden, self.num_heads, bias=False)  # eta
+        self.forget_proj = nn.Linear(hidden, self.num_heads, bias=False)  # alpha
+        self.gate_bias = nn.Parameter(self.initial_gate_bias())  # [3, H]: theta, eta, alpha
         width = config.memory_expansion * self.head_dim
         sizes = [self.head_dim] + [width] * (config.memory_depth - 1) + [self.head_dim]
         self.memory_init = nn.ParameterList(  # M_0: one MLP per head
@@ -83,15 +102,16 @@ class NeuralMemory(nn.Module):
         self.g_proj = nn.Linear(hidden, inner, bias=False)
         self.o_norm = GatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(inner, hidden, bias=False)
-        with torch.no_grad():
-            for name, bias in GATE_BIAS_INIT.items():
-                getattr(self, f"{name}_proj").bias.fill_(bias)
+
+    def initial_gate_bias(self) -> torch.Tensor:
+        return torch.tensor(list(GATE_BIAS_INIT.values()))[:, None].repeat(1, self.num_heads)
 
     def gates(self, x: torch.Tensor, keep: torch.Tensor | None):
         """theta, eta, alpha [B, H, T] in fp32; pads: no step, no forgetting, momentum kept."""
-        theta = self.max_lr * torch.sigmoid(self.step_proj(x).float())
-        eta = torch.sigmoid(self.momentum_proj(x).float())
-        alpha = torch.sigmoid(self.forget_proj(x).float())
+        b_theta, b_eta, b_alpha = self.gate_bias.float()
+        theta = self.max_lr * torch.sigmoid(self.step_proj(x).float() + b_theta)
+        eta = torch.sigmoid(self.momentum_proj(x).float() + b_eta)
+        alpha = torch.sigmoid(self.forget_proj(x).float() + b_alpha)
         if keep is not None:
             real = keep[..., None]
             theta, alpha, eta = theta * real, alpha * real, torch.where(real, eta, 1.0)
@@ -165,4 +185,145 @@ class NeuralMemory(nn.Module):
         return y, weights, momentum, unfinished
 
 
-__all__ = ["NeuralMemory", "NeuralMemoryState"]
+class TitansCacheLayer(NeuralMemoryState):
+    """Cache of one Titans layer: the neural memory's state (``NeuralMemoryState``) and the attention's last
+    ``sliding_window - 1`` keys, values [B, H_kv, S, d] and key positions [B, S] (-1 at pads). Bounded: a memory
+    chunk and a window per layer, whatever the context length."""
+
+    tensor_names = (*NeuralMemoryState.tensor_names, "keys", "values", "key_positions")
+
+    def store(self, *state) -> None:
+        super().store(*state[:-1], 0)  # the attention counts the tokens
+
+    def update_attention(self, keys, values, positions, kept: int):
+        """Append this call's keys, values and positions; return all the call's queries may see (kept + new)
+        and keep the last ``kept``."""
+        self.tokens += positions.shape[1]
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+            positions = torch.cat([self.key_positions, positions], dim=1)
+        start = max(keys.shape[2] - kept, 0)  # the last `kept` keys (none for a window of 1)
+        self.keys, self.values, self.key_positions = keys[:, :, start:], values[:, :, start:], positions[:, start:]
+        self.is_initialized = True
+        return keys, values, positions
+
+
+for _layer_type in LAYER_TYPES:
+    cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[_layer_type] = TitansCacheLayer
+    cache_utils.STATIC_LAYER_TYPE_MAPPING[_layer_type] = TitansCacheLayer  # bounded: a static cache is this one
+
+
+class PersistentWindowAttention(Attention):
+    """SW-Attn* (eqs. 19, 27, 31): causal attention over the ``num_persistent_tokens`` learned keys and values of
+    the layer (the persistent memory P, task knowledge independent of the input, always visible) and the last
+    ``sliding_window`` tokens (positions, not slots, decide: a left-padded row equals itself unpadded)."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.window, self.num_persistent = config.sliding_window, config.num_persistent_tokens
+        self.persistent_keys = nn.Parameter(torch.zeros(self.num_key_value_heads, self.num_persistent, self.head_dim))
+        self.persistent_values = nn.Parameter(torch.zeros(self.num_key_value_heads, self.num_persistent,
+                                                          self.value_head_dim))
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, position_ids=None,
+                **kwargs):
+        batch, length, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        keep = padding_mask(attention_mask, length)
+        positions = position_ids.expand(batch, length)
+        positions = positions if keep is None else positions.masked_fill(keep == 0, -1)
+        key_positions = positions
+        state = own_cache_layer(cache, self.layer_idx, TitansCacheLayer)
+        if state is not None:
+            k, v, key_positions = state.update_attention(k, v, positions, self.window - 1)
+        bias = additive_position_mask(positions, key_positions, self.window, 0, q.dtype)  # [B, 1, T, S]
+        if self.num_persistent:
+            k = torch.cat([self.persistent_keys.to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.persistent_values.to(v.dtype).expand(batch, -1, -1, -1), v], dim=2)
+            bias = torch.cat([bias.new_zeros(batch, 1, length, self.num_persistent), bias], dim=-1)
+        out, weights = self.attend(q, k, v, bias, **kwargs)
+        return self.o_proj(out), weights
+
+
+def neural_memory(config: TitansConfig, layer_idx: int) -> NeuralMemory | None:
+    """The layer's long-term memory, or None for the attention-only ablation (``use_memory=False``)."""
+    return NeuralMemory(config, layer_idx) if config.use_memory else None
+
+
+def memory_state(cache, layer_idx: int) -> TitansCacheLayer | None:
+    return own_cache_layer(cache, layer_idx, TitansCacheLayer)
+
+
+class MemoryAsGate(nn.Module):
+    """MAG (eqs. 26-28): the two branches read the same input; the attention's output is gated by the memory's,
+    each normalised by a learned vector (RMSNorm) and the memory's through a sigmoid."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = PersistentWindowAttention(config, layer_idx)
+        self.memory = neural_memory(config, layer_idx)
+        if self.memory is not None:
+            self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.memory_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        y, weights = self.self_attn(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+        if self.memory is None:
+            return y, weights
+        m, _ = self.memory(hidden_states, attention_mask, state=memory_state(cache, self.layer_idx))
+        return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), weights
+
+
+class TitansDecoderLayer(MemoryDecoderLayer):
+    """Pre-norm block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). In MAL the memory is a layer of its
+    own in front: x += M(RMSNorm(x)) first (eq. 29), and the mixer is SW-Attn*."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int, mixers, ffns):
+        super().__init__(config, layer_idx, mixers, ffns)
+        self.memory = neural_memory(config, layer_idx) if self.layer_type == "titans_mal" else None
+        if self.memory is not None:
+            self.memory_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        if self.memory is not None:
+            m, _ = self.memory(self.memory_layernorm(hidden_states), attention_mask,
+                               state=memory_state(cache, self.memory.layer_idx))
+            hidden_states = hidden_states + m
+        return super().forward(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+
+
+class TitansPreTrainedModel(HFMemoryPreTrainedModel):
+    config: TitansConfig
+    config_class = TitansConfig
+    mixers = {"titans_mag": MemoryAsGate, "titans_mal": PersistentWindowAttention}
+    decoder_layer = TitansDecoderLayer
+    rope_layer_types = frozenset(LAYER_TYPES)
+    _no_split_modules = ["TitansDecoderLayer"]
+    _supports_flash_attn = False  # the persistent-memory + window mask: eager / sdpa with a 4-D mask
+    _can_record_outputs = {"hidden_states": TitansDecoderLayer, "attentions": PersistentWindowAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NeuralMemory):
+            init.copy_(module.gate_bias, module.initial_gate_bias())
+            for w in module.memory_init:  # M_0: fan-in scaled, so that a deep memory's first layer has gradients
+                init.normal_(w, mean=0.0, std=w.shape[1] ** -0.5)
+        elif isinstance(module, PersistentWindowAttention):
+            init.normal_(module.persistent_keys, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.persistent_values, mean=0.0, std=self.config.initializer_range)
+
+
+class TitansModel(TitansPreTrainedModel, HFMemoryModel):
+    """Embeddings, the stack of Titans blocks of ``variant``, final RMSNorm."""
+
+
+class TitansForCausalLM(TitansPreTrainedModel, HFMemoryForCausalLM):
+    """Titans with a language-modelling head."""
+
+    base_model_class = TitansModel
+
+
+AUTO_MAP = {"AutoModel": TitansModel, "AutoModelForCausalLM": TitansForCausalLM}
+
+__all__ = ["NeuralMemory", "NeuralMemoryState", "TitansModel", "TitansForCausalLM", "TitansPreTrainedModel"]
