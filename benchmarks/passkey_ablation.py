@@ -4,6 +4,7 @@ the segment that holds the needle (always an earlier segment than the question).
 
     python benchmarks/passkey_ablation.py --preset infini-attention-tiny
     python benchmarks/passkey_ablation.py --preset rmt-tiny --segments 9
+    python benchmarks/passkey_ablation.py --preset titans-mag-tiny     # the needle beyond the attention window
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ MEMORY_OFF = {"memory off (each segment read alone)": {"use_memory": False}}
 VARIANTS = {  # architecture -> variant -> config overrides
     "infini_attention": {"Infini-attention (memory on)": {"use_memory": True}, **MEMORY_OFF},
     "rmt": {"RMT": {"memory_type": "rmt"}, "ARMT (associative memory)": {"memory_type": "armt"}, **MEMORY_OFF},
+    "titans": {"Titans (neural memory on)": {"use_memory": True},
+               "memory off (window + persistent memory only)": {"use_memory": False}},
 }
+
+
+def describe_memory(config, args) -> str:
+    if config.model_type == "hfm_rmt":
+        return f"{config.num_memory_tokens} memory tokens"
+    if config.model_type == "hfm_titans":
+        return (f"{config.variant.upper()}, memory depth {config.memory_depth} in chunks of {config.memory_chunk_size}, "
+                f"{config.num_hidden_layers} layers of window {config.sliding_window}")
+    return f"{config.memory_update} memory update, gates lr {args.gate_lr}"
 
 
 @torch.no_grad()
@@ -41,6 +53,8 @@ def accuracy_by_segment(model, batch) -> tuple[float, list[float]]:
 def train_variant(args, overrides: dict, seed: int) -> dict:
     """Train one variant from ``seed``; its accuracy overall and by needle segment, final loss and seconds."""
     torch.manual_seed(seed)
+    if args.segment_size:
+        overrides = {**overrides, "segment_size": args.segment_size}
     config = hf_memory.get_config(args.preset, **overrides)
     spec = PasskeySpec(config.vocab_size, config.segment_size, args.segments)
     test = passkey_batch(spec, 1024, torch.Generator().manual_seed(10_000 + seed))
@@ -74,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="infini-attention-tiny")
     parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--segment-size", type=int, default=None, help="tokens per segment (default: the preset's)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -100,8 +115,7 @@ def main() -> None:
     header = " | ".join(f"needle in segment {s}" for s in range(args.segments - 1))
     recipe = ", ".join([f"{k} {v}" for k, v in RECIPE.items()]
                        + [f"first {n} steps on {segments} segments" for segments, n in args.curriculum])
-    memory = f"{config.num_memory_tokens} memory tokens" if config.model_type == "hfm_rmt" else \
-        f"{config.memory_update} memory update, gates lr {args.gate_lr}"
+    memory = describe_memory(config, args)
     emit([
         f"Passkey retrieval, preset {args.preset} ({memory}): {args.segments} segments of "
         f"{config.segment_size} tokens, the question in the last one; {args.steps} steps x {args.batch_size}, "

@@ -193,3 +193,35 @@ def test_rejects_a_padding_mask_that_does_not_cover_the_keys():
     q, k, v, mask = _inputs(1, 2, 2, 10, 12, pads=0)
     with pytest.raises(ValueError, match=r"key_padding_mask.*attention_mask\[:, -S:\]"):
         sliding_window_attention(q, k, v, window=4, scaling=1.0, key_padding_mask=torch.cat([mask, mask], 1))
+
+
+@pytest.mark.parametrize("case", ["gqa_left_padding", "prefix_gqa_padding", "single_query_decode"])
+def test_sinks_are_seen_by_every_query_and_blockwise_equals_dense_with_them(case):
+    """Sink keys (Titans' persistent memory) in front of every window: blockwise = reference, values and
+    gradients; and the reference = an explicit dense mask whose sink columns are all open."""
+    batch, heads, kv_heads, length, kv_length, window, block, pads = CASES[case]
+    q, k, v, mask = _inputs(batch, heads, kv_heads, length, kv_length, pads)
+    generator = torch.Generator().manual_seed(1)
+    sinks = [torch.randn(1, kv_heads, 3, 8, generator=generator).requires_grad_() for _ in range(2)]
+    leaves = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *sinks]
+    results = []
+    for attend in (sliding_window_attention, sliding_window_attention_reference):
+        for t in leaves:
+            t.grad = None
+        kwargs = dict(block_size=block) if attend is sliding_window_attention else {}
+        out = attend(q, k, v, window=window, scaling=0.3, key_padding_mask=mask, sinks=tuple(sinks), **kwargs)
+        out.square().sum().backward()
+        results.append([out] + [t.grad.clone() for t in leaves])
+    for blockwise, reference in zip(*results):
+        torch.testing.assert_close(blockwise, reference, rtol=1e-5, atol=1e-6)
+    # explicit: keys [sinks ; keys], a query at absolute position i sees every sink and its window's real keys
+    groups = heads // kv_heads
+    keys, values = (torch.cat([s.expand(batch, -1, -1, -1), x], 2).repeat_interleave(groups, 1)
+                    for s, x in zip(sinks, (k, v)))
+    i = torch.arange(kv_length - length, kv_length)[:, None]
+    j = torch.arange(kv_length)[None]
+    visible = ((j <= i) & (j > i - window))[None] & mask.bool()[:, None]
+    visible = torch.cat([torch.ones(batch, length, 3, dtype=torch.bool), visible], -1)[:, None]
+    scores = (q @ keys.transpose(-1, -2)) * 0.3
+    dense = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ values
+    torch.testing.assert_close(results[1][0], dense.transpose(1, 2), rtol=1e-5, atol=1e-6)

@@ -130,3 +130,15 @@ def test_a_new_model_starts_with_the_memory_gates_and_initial_weights_it_declare
     assert alpha == pytest.approx(0.010, abs=1e-3)
     for w in memory.memory_init:
         assert w.std().item() == pytest.approx(w.shape[1] ** -0.5, rel=0.25)
+
+
+@pytest.mark.parametrize("kernel", [1, 4])
+def test_the_conv_history_holds_kernel_minus_one_inputs_whatever_the_length_fed(kernel):
+    """A kernel of 1 once kept the whole input: the cache grew with the context."""
+    model = build("titans-mag-tiny", memory_conv_kernel=kernel)
+    ids = random_ids(model.config, 1, 48)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for start in range(0, 48, 16):
+            model(ids[:, start : start + 16], cache=cache, use_cache=True)
+            assert cache.layers[0].conv.shape[-1] == kernel - 1

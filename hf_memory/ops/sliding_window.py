@@ -53,6 +53,16 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, key_padding_
     return band & key_padding_mask[:, k_pos].bool()[:, None, None, :]
 
 
+def _with_sinks(key, value, allowed, sinks):
+    """Keys and values with the sink keys [B or 1, H_kv, P, d] in front, visible to every query."""
+    if sinks is None:
+        return key, value, allowed
+    sink_key, sink_value = (x.expand(key.shape[0], -1, -1, -1).to(key.dtype) for x in sinks)
+    visible = allowed.new_ones(*allowed.shape[:-1], sink_key.shape[2])
+    return (torch.cat([sink_key, key], dim=2), torch.cat([sink_value, value], dim=2),
+            torch.cat([visible, allowed], dim=-1))
+
+
 def _softmax_attention(q, k, v, allowed, scaling, dropout=0.0, training=False):
     """Eager softmax(scaling q k^T) v in fp32; q [B, h, L, d], k, v [B, h, K, d], allowed broadcastable to [B, h, L, K].
 
@@ -74,14 +84,16 @@ def sliding_window_attention_reference(
     window: int,
     scaling: float,
     key_padding_mask: torch.Tensor | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The definition: the full [B, 1, T, S] mask, KV heads repeated for the query heads. Returns [B, T, H, d]."""
     _check(query, key, window, key_padding_mask)
-    groups = query.shape[1] // key.shape[1]
-    key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
     length, kv_length = query.shape[2], key.shape[2]
     k_pos = torch.arange(kv_length, device=query.device)
     allowed = _allowed(k_pos[kv_length - length :], k_pos, window, key_padding_mask)
+    key, value, allowed = _with_sinks(key, value, allowed, sinks)
+    groups = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
     out = _softmax_attention(query, key, value, allowed, scaling)
     return out.transpose(1, 2).to(query.dtype)
 
@@ -116,8 +128,12 @@ def sliding_window_attention(
     block_size: int | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Blockwise sliding-window attention, equal to ``sliding_window_attention_reference``. Returns [B, T, H, d].
+
+    ``sinks``: keys and values [B or 1, H_kv, P, d] every query sees besides its window (Titans' persistent
+    memory), put in front of each block's keys.
 
     ``block_size`` queries at a time (default: the window clamped to [128, 256], the fastest on CPU at windows 64 and
     2048: short windows do not loop over a handful of tokens, long ones keep small blocks; never more than T).
@@ -141,6 +157,7 @@ def sliding_window_attention(
         k_pos = torch.arange(first_key, offset + stop, device=query.device)
         allowed = _allowed(q_pos, k_pos, window, key_padding_mask)
         k_block, v_block = key[:, :, first_key : offset + stop], value[:, :, first_key : offset + stop]
+        k_block, v_block, allowed = _with_sinks(k_block, v_block, allowed, sinks)
         out = _block_attention(grouped[:, :, :, start:stop], k_block, v_block, allowed, scaling, dropout, training)
         outputs.append(out)
     return torch.cat(outputs, dim=1).to(query.dtype)

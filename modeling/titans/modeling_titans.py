@@ -23,7 +23,7 @@ from transformers import cache_utils
 from transformers import initialization as init
 
 from hf_memory.cache import RowStateCacheLayer, own_cache_layer
-from hf_memory.layers.attention import Attention
+from hf_memory.layers.attention import Attention, runs_blockwise
 from hf_memory.layers.norms import GatedRMSNorm, RMSNorm
 from hf_memory.modeling_utils import (
     HFMemoryForCausalLM,
@@ -35,6 +35,7 @@ from hf_memory.modeling_utils import (
 from hf_memory.ops.neural_memory import neural_memory_chunked
 from hf_memory.ops.position_masked_attention import additive_position_mask
 from hf_memory.ops.short_conv import conv_projections
+from hf_memory.ops.sliding_window import sliding_window_attention
 from hf_memory.segments import from_segments, real_first, to_segments
 
 from .configuration_titans import LAYER_TYPES, TitansConfig
@@ -142,7 +143,8 @@ class NeuralMemory(nn.Module):
         y = y[:, :, -length:].transpose(1, 2)  # [B, T, H, d]
         if state is not None:
             window = inputs if history is None else torch.cat([history, inputs], dim=-1)
-            conv = F.pad(window, (self.conv_size - 1, 0))[..., 1 - self.conv_size :]  # the last kernel - 1 inputs
+            kept = self.conv_size - 1  # the last kernel - 1 inputs (none for a kernel of 1)
+            conv = F.pad(window, (kept, 0))[..., window.shape[-1] :]
             state.store(weights, momentum, *unfinished, conv, length)
         gate = self.g_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         out = self.o_norm(y.to(x.dtype), gate).reshape(batch, length, -1)
@@ -216,7 +218,9 @@ for _layer_type in LAYER_TYPES:
 class PersistentWindowAttention(Attention):
     """SW-Attn* (eqs. 19, 27, 31): causal attention over the ``num_persistent_tokens`` learned keys and values of
     the layer (the persistent memory P, task knowledge independent of the input, always visible) and the last
-    ``sliding_window`` tokens (positions, not slots, decide: a left-padded row equals itself unpadded)."""
+    ``sliding_window`` tokens (a left-padded row equals itself unpadded). Inputs longer than the window run
+    blockwise (``hf_memory.ops.sliding_window``, O(T * window) memory); shorter ones, and attention maps, through
+    the configured attention with the dense mask of positions."""
 
     def __init__(self, config: TitansConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -236,6 +240,13 @@ class PersistentWindowAttention(Attention):
         state = own_cache_layer(cache, self.layer_idx, TitansCacheLayer)
         if state is not None:
             k, v, key_positions = state.update_attention(k, v, positions, self.window - 1)
+        sinks = (self.persistent_keys[None], self.persistent_values[None]) if self.num_persistent else None
+        if runs_blockwise(self.config, length) and not kwargs.get("output_attentions", self.config.output_attentions):
+            # O(T * window) memory: the kept and new keys are consecutive tokens (pads only in front of a row)
+            out = sliding_window_attention(q, k, v, window=self.window, scaling=self.scaling, sinks=sinks,
+                                           key_padding_mask=key_positions >= 0, training=self.training,
+                                           dropout=self.attention_dropout if self.training else 0.0)
+            return self.o_proj(out.reshape(batch, length, -1)), None
         bias = additive_position_mask(positions, key_positions, self.window, 0, q.dtype)  # [B, 1, T, S]
         if self.num_persistent:
             k = torch.cat([self.persistent_keys.to(k.dtype).expand(batch, -1, -1, -1), k], dim=2)
