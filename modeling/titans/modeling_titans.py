@@ -32,7 +32,7 @@ from hf_memory.modeling_utils import (
     MemoryDecoderLayer,
     padding_mask,
 )
-from hf_memory.ops.neural_memory import neural_memory_chunked
+from hf_memory.ops.neural_memory import mlp_forward, neural_memory_chunked
 from hf_memory.ops.position_masked_attention import additive_position_mask
 from hf_memory.ops.short_conv import conv_projections
 from hf_memory.ops.sliding_window import sliding_window_attention
@@ -167,10 +167,13 @@ class NeuralMemory(nn.Module):
         outputs = []
         for n in range(q.shape[2] // c):
             chunk = slice(n * c, (n + 1) * c)
+            done = (real >= (n + 1) * c)[:, None, None, None]  # the row's chunk is complete: commit it
+            if not done.any():  # no row closes this chunk (decoding, mostly): its real tokens read the committed M
+                outputs.append(mlp_forward(weights, q[:, :, chunk])[0])
+                continue
             y, new_weights, new_momentum = neural_memory_chunked(
                 q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], theta[:, :, chunk], eta[:, :, chunk],
                 alpha[:, :, chunk], weights, momentum, chunk_size=c, max_grad_norm=self.max_grad_norm)
-            done = (real >= (n + 1) * c)[:, None, None, None]  # the row's chunk is complete: commit it
             weights = [torch.where(done, new, old) for new, old in zip(new_weights, weights)]
             momentum = [torch.where(done, new, old) for new, old in zip(new_momentum, momentum)]
             outputs.append(y)
