@@ -32,6 +32,7 @@ SPEED_MODELS = {
     "infini_attention": [("infini-attention-1b", dict(num_hidden_layers=6))],
     "rmt": [("rmt-1b", dict(num_hidden_layers=6))],
     "mor": [("mor-360m", dict())],
+    "titans": [("titans-mag-760m", dict(num_hidden_layers=6))],
 }
 
 
