@@ -206,12 +206,16 @@ def test_dynamic_cache_from_config_holds_each_layers_state_in_fp32(preset):
                 continue
             reached = (layer.key_index >= 0).sum(1)
             assert layer.key_index.shape[0] == 3 and layer.keys.shape[-2] == int(reached.max()) <= ids.shape[1]
-        elif layer_type.startswith("titans_"):  # neural memory weights + momentum, the unfinished chunk, a window
-            config = model.config
+        elif layer_type.startswith("titans_"):  # neural memory weights + momentum, the unfinished chunk, and the
+            config = model.config              # window (MAG, MAL) or the unfinished segment with its context (MAC)
             assert all(w.dtype == s.dtype == torch.float32 and w.shape[0] == 3
                        for w, s in zip(layer.weights, layer.momentum))
             assert len(layer.weights) == config.memory_depth and layer.pending_k.shape[2] == config.memory_chunk_size
-            assert layer.keys.shape[-2] == config.sliding_window - 1
+            if layer_type == "titans_mac":
+                assert layer.keys.shape[-2] == layer.context_keys.shape[-2] == config.segment_size
+                assert all(w.dtype == torch.float32 for w in layer.snapshot)
+            else:
+                assert layer.keys.shape[-2] == config.sliding_window - 1
         else:
             assert layer.keys.shape[-2] == ids.shape[1]
 
@@ -339,8 +343,8 @@ def test_output_hidden_states_set_in_the_config_at_load_is_honoured(preset, tmp_
 
 
 SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "infini_attention", "recurrent_memory_attention",
-                       "parallel_attention", "parallel_sliding_attention", "recursive_attention", "titans_mag",
-                       "titans_mal"}
+                       "parallel_attention", "parallel_sliding_attention", "recursive_attention", "titans_mac",
+                       "titans_mag", "titans_mal"}
 # layer types that only some tokens reach (Mixture-of-Recursions): a token's map row is zero where it skipped
 ROUTED_LAYER_TYPES = {"recursive_attention"}
 

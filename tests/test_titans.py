@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_memory
 
-VARIANTS = ["titans-mag-tiny", "titans-mal-tiny"]
+VARIANTS = ["titans-mac-tiny", "titans-mag-tiny", "titans-mal-tiny"]
 
 
 def _decode_in_pieces(model, ids, mask, pieces):
@@ -115,9 +115,9 @@ def test_the_760m_preset_has_the_papers_scale():
     assert 0.74e9 <= parameters <= 0.80e9, parameters
 
 
-def test_memory_as_context_is_refused_until_it_is_built():
-    with pytest.raises(ValueError, match="variant"):
-        hf_memory.get_config("titans-mag-tiny", variant="mac")
+def test_memory_as_context_needs_segments_of_whole_memory_chunks():
+    with pytest.raises(ValueError, match="segment_size"):
+        hf_memory.get_config("titans-mac-tiny", segment_size=6)
 
 
 def test_a_new_model_starts_with_the_memory_gates_and_initial_weights_it_declares():
@@ -142,3 +142,25 @@ def test_the_conv_history_holds_kernel_minus_one_inputs_whatever_the_length_fed(
         for start in range(0, 48, 16):
             model(ids[:, start : start + 16], cache=cache, use_cache=True)
             assert cache.layers[0].conv.shape[-1] == kernel - 1
+
+
+def test_memory_as_context_reads_each_segment_with_the_weights_the_previous_segments_left():
+    """h = M*_{s-1}(q) (eq. 21): the second segment's context is read with the weights a cache holds after the
+    first segment alone; the first with M_0."""
+    model = build("titans-mac-tiny")
+    segment = model.config.segment_size
+    ids = random_ids(model.config, 1, 2 * segment)
+    read = model.model.layers[0].mixer.read
+    seen = []
+    handle = read.register_forward_hook(lambda module, args, output: seen.append([w.clone() for w in args[0]]))
+    with torch.no_grad():
+        model(ids)
+        handle.remove()
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :segment], cache=cache, use_cache=True)
+    assert len(seen) == 2
+    initial = model.model.layers[0].mixer.memory.memory_init
+    assert all(torch.equal(a[0], b) for a, b in zip(seen[0], initial))
+    for a, b in zip(seen[1], cache.layers[0].weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a[0], b) for a, b in zip(seen[1], initial))

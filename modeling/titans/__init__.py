@@ -1,5 +1,5 @@
-"""Titans (arXiv 2501.00663): a neural long-term memory learned at test time, with sliding-window attention and
-persistent memory, as a gate (MAG) or a layer (MAL)."""
+"""Titans (arXiv 2501.00663): a neural long-term memory learned at test time beside attention with persistent
+memory, as context (MAC), a gate (MAG) or a layer (MAL)."""
 
 from hf_memory.registry import Architecture, Preset
 
@@ -16,6 +16,9 @@ _TINY = dict(
 ARCHITECTURE = Architecture(
     "titans", TitansConfig, AUTO_MAP,
     presets={
+        "titans-mac-tiny": Preset({**_TINY, "variant": "mac", "segment_size": 8},
+                                  "hf-memory test size of Titans MAC: segments of 8, memory chunks of 4, "
+                                  "2 persistent tokens"),
         "titans-mag-tiny": Preset({**_TINY, "variant": "mag"},
                                   "hf-memory test size of Titans MAG: memory chunks of 4, window 8, 2 persistent tokens"),
         "titans-mal-tiny": Preset({**_TINY, "variant": "mal"},
@@ -31,7 +34,7 @@ ARCHITECTURE = Architecture(
     },
     invalid_configs=[
         ({"variant": "mam"}, "variant"),
-        ({"variant": "mac"}, "variant"),
+        ({"variant": "mac", "segment_size": 6}, "segment_size"),
         ({"memory_depth": 0}, "memory_depth"),
         ({"memory_chunk_size": 0}, "memory_chunk_size"),
         ({"sliding_window": 0}, "sliding_window"),

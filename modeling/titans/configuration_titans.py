@@ -33,8 +33,8 @@ class TitansConfig(HFMemoryConfig):
     ``memory_conv_kernel``, SiLU and (q, k) L2 norm (section 4.4); ``num_persistent_tokens`` learned tokens are
     the persistent memory (section 3.3).
 
-    ``variant``: ``"mac"`` (memory as context: segments of ``segment_size``, the memory's read-out as context
-    for the segment's attention, the memory updated with the attention output), ``"mag"`` (memory as gate:
+    ``variant``: ``"mac"`` (memory as context: segments of ``segment_size``, a whole number of memory chunks; the
+    memory's read-out as context for the segment's attention, the memory updated with the attention output), ``"mag"`` (memory as gate:
     sliding-window attention of ``sliding_window`` gated by the memory branch), ``"mal"`` (memory as layer:
     the memory, then sliding-window attention). ``use_memory=False`` is the attention-only ablation.
     """
@@ -50,7 +50,7 @@ class TitansConfig(HFMemoryConfig):
     num_attention_heads: int = 16
     rope_parameters: dict | None = None
     max_position_embeddings: int = 4096
-    variant: str = "mag"
+    variant: str = "mac"
     memory_num_heads: int | None = None
     memory_head_dim: int | None = None
     memory_depth: int = 2
@@ -80,12 +80,14 @@ class TitansConfig(HFMemoryConfig):
         require_attention(self)
         require_rope(self)
         require(self.variant in VARIANTS, "variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
-        require(self.variant != "mac", "variant", "'mac' (memory as context) is not built yet: use 'mag' or 'mal'")
         require_layer_types(self, (f"titans_{self.variant}",))
         require_positive(self, "memory_num_heads", "memory_head_dim", "memory_depth", "memory_expansion",
                          "memory_chunk_size", "memory_conv_kernel", "segment_size", "sliding_window")
         require(isinstance(self.num_persistent_tokens, int) and self.num_persistent_tokens >= 0,
                 "num_persistent_tokens", f"must be a count >= 0, got {self.num_persistent_tokens!r}")
+        require(self.variant != "mac" or self.segment_size % self.memory_chunk_size == 0, "segment_size",
+                f"MAC reads the memory at segment starts: segment_size must be a multiple of memory_chunk_size "
+                f"({self.memory_chunk_size}), got {self.segment_size}")
         require_finite(self, "memory_max_lr", positive=True)
         require(self.memory_max_grad_norm is None or (isinstance(self.memory_max_grad_norm, (int, float))
                                                        and self.memory_max_grad_norm > 0),

@@ -3,11 +3,14 @@
 A neural long-term memory (an MLP per head whose weights are learned at test time by gradient steps with momentum
 and forgetting, sections 3.1 and 4.4) beside sliding-window attention with persistent memory (section 3.3):
 
+    MAC (memory as context, eqs. 21-25): per segment, h = M_{s-1}(q); y = Attn([P ; h ; segment]);
+                                          the memory learns y; o = RMSNorm(y) * sigmoid(RMSNorm(M_s(y)))
     MAG (memory as a gate, eqs. 26-28):   o = RMSNorm(SW-Attn*(x)) * sigmoid(RMSNorm(M(x)))
     MAL (memory as a layer, eqs. 29-31):  y = M(x), o = SW-Attn*(y), each with its own residual
 
-SW-Attn* attends over the layer's ``num_persistent_tokens`` learned keys and values (the persistent memory,
-visible to every query) and the last ``sliding_window`` tokens. MAC (memory as context) is not built yet.
+SW-Attn* attends over the layer's ``num_persistent_tokens`` learned keys and values (the persistent memory P,
+visible to every query) and the last ``sliding_window`` tokens; MAC's attention over P, the segment's read-out and
+the segment's tokens.
 The memory's math lives in ``hf_memory.ops.neural_memory``; this file is the layers, their cache and the model.
 """
 
@@ -23,7 +26,7 @@ from transformers import cache_utils
 from transformers import initialization as init
 
 from hf_memory.cache import RowStateCacheLayer, own_cache_layer
-from hf_memory.layers.attention import Attention, runs_blockwise
+from hf_memory.layers.attention import Attention, apply_rotary, runs_blockwise
 from hf_memory.layers.norms import GatedRMSNorm, RMSNorm
 from hf_memory.modeling_utils import (
     HFMemoryForCausalLM,
@@ -142,9 +145,7 @@ class NeuralMemory(nn.Module):
         y, weights, momentum, unfinished = self.read_and_write(q, k, v, gates, valid, state)
         y = y[:, :, -length:].transpose(1, 2)  # [B, T, H, d]
         if state is not None:
-            window = inputs if history is None else torch.cat([history, inputs], dim=-1)
-            kept = self.conv_size - 1  # the last kernel - 1 inputs (none for a kernel of 1)
-            conv = F.pad(window, (kept, 0))[..., window.shape[-1] :]
+            conv = last_inputs(inputs, keep, history, self.conv_size - 1)
             state.store(weights, momentum, *unfinished, conv, length)
         gate = self.g_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         out = self.o_norm(y.to(x.dtype), gate).reshape(batch, length, -1)
@@ -195,10 +196,28 @@ class TitansCacheLayer(NeuralMemoryState):
     ``sliding_window - 1`` keys, values [B, H_kv, S, d] and key positions [B, S] (-1 at pads). Bounded: a memory
     chunk and a window per layer, whatever the context length."""
 
-    tensor_names = (*NeuralMemoryState.tensor_names, "keys", "values", "key_positions")
+    tensor_names = (*NeuralMemoryState.tensor_names, "keys", "values", "key_positions", "context_keys",
+                    "context_values", "segment_count", "read_conv")
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.snapshot = None  # MAC: the memory's weights at the start of each row's unfinished segment
 
     def store(self, *state) -> None:
         super().store(*state[:-1], 0)  # the attention counts the tokens
+
+    def store_segment(self, keys, values, context_keys, context_values, count, snapshot, read_conv, new_tokens):
+        """MAC: the unfinished segment's keys and values of its tokens and of their retrieved context, padded to a
+        segment, ``count`` [B] of them real, the weights its context was read from, the read path's conv history."""
+        self.keys, self.values, self.context_keys, self.context_values = keys, values, context_keys, context_values
+        self.segment_count, self.snapshot, self.read_conv = count, snapshot, read_conv
+        self.tokens += new_tokens
+        self.is_initialized = True
+
+    def _map_tensors(self, fn) -> None:
+        super()._map_tensors(fn)
+        if self.snapshot is not None:
+            self.snapshot = [fn(w) for w in self.snapshot]
 
     def update_attention(self, keys, values, positions, kept: int):
         """Append this call's keys, values and positions; return all the call's queries may see (kept + new)
@@ -289,6 +308,158 @@ class MemoryAsGate(nn.Module):
         return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), weights
 
 
+class MemoryRead(nn.Module):
+    """The retrieval of MAC (eq. 21), h = M*_{s-1}(q): the memory read without an update, with the weights of the
+    segment's start, by queries of its own (W_Q, depthwise conv, SiLU, L2 norm per head as the memory's); the
+    read-out leaves through a per-head RMSNorm and a projection to the model width."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.memory_num_heads, config.memory_head_dim
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.q_conv1d = nn.Conv1d(inner, inner, config.memory_conv_kernel, groups=inner, bias=False)
+        self.o_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def queries(self, x, history):
+        """q [B, H, T, d] in fp32 and the conv inputs [B, H * d, T] (the history a cache keeps)."""
+        inputs, (q,) = conv_projections(x, (self.q_proj,), (self.q_conv1d,), history)
+        q = q.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        return F.normalize(q.float(), dim=-1), inputs
+
+    def forward(self, weights, q, dtype):
+        """h [B, n, hidden] of queries q [B, H, n, d] read from ``weights`` (per row and head)."""
+        y = mlp_forward(weights, q)[0].transpose(1, 2).to(dtype)  # [B, n, H, d]
+        return self.o_proj(self.o_norm(y).flatten(2))
+
+
+def last_inputs(inputs, keep, history, kept: int):
+    """The ``kept`` conv inputs up to each row's last real token (``keep`` [B, T]; pads may trail a row in MAC's
+    segments): [B, D, kept] of history [B, D, <= kept] then inputs [B, D, T]; none for a kernel of 1."""
+    window = inputs if history is None else torch.cat([history, inputs], dim=-1)
+    length = keep.shape[1]
+    ends = window.shape[-1] - length + (keep * torch.arange(1, length + 1, device=keep.device)).amax(1)
+    slots = (ends[:, None] + torch.arange(kept, device=ends.device))[:, None].expand(-1, window.shape[1], -1)
+    return F.pad(window, (kept, 0)).gather(-1, slots)
+
+
+class MemoryAsContext(nn.Module):
+    """MAC (eqs. 21-25), per row in segments of ``segment_size`` real tokens:
+
+        h = M*_{s-1}(q)                      the memory's read-out for the segment's tokens (``MemoryRead``)
+        y = Attn([P ; h ; S])                attention over the persistent memory, the read-out and the segment
+        M_s = M_{s-1} learned on y           the memory writes the attention's output (chunk-wise)
+        o = RMSNorm(y) * sigmoid(RMSNorm(M*_s(y)))
+
+    Causal: a token sees the read-out and the tokens of its segment up to itself (the read-out of a later token
+    holds that token), every persistent slot, and nothing of earlier segments but through the memory. A segment
+    is a whole number of memory chunks, so the weights at a segment's start are the committed ones."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.segment_size = layer_idx, config.segment_size
+        self.self_attn = PersistentWindowAttention(config, layer_idx)  # its projections and persistent memory
+        self.memory = neural_memory(config, layer_idx)
+        if self.memory is not None:
+            self.read = MemoryRead(config)
+            self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.memory_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        batch, length, _ = hidden_states.shape
+        c, attn, dtype = self.segment_size, self.self_attn, hidden_states.dtype
+        mask = padding_mask(attention_mask, length)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device) if mask is None \
+            else mask.bool()
+        x = hidden_states * keep[..., None].to(dtype)
+        state = memory_state(cache, self.layer_idx)
+        q, k, v = attn.project(x, position_embeddings)
+        cos, sin = position_embeddings
+        # each row's unfinished segment (from the cache) goes first; then its new real tokens; then pads
+        held = 0 if state is None or state.segment_count is None else state.keys.shape[2]
+        count = keep.new_zeros(batch, dtype=torch.long) if held == 0 else state.segment_count
+        valid = torch.cat([torch.arange(held, device=keep.device)[None] < count[:, None], keep], dim=1)
+        order, total = real_first(valid), valid.sum(1)
+
+        def stream(new, cached=None):  # [B, H, T, d] of the new tokens -> the segments' layout [B, H, S, d]
+            cached = new.new_zeros(*new.shape[:2], held, new.shape[-1]) if cached is None else cached
+            return to_segments(torch.cat([cached.to(new.dtype), new], dim=2), order, c)
+
+        q, k, v = stream(q), stream(k, state and state.keys), stream(v, state and state.values)
+        cos, sin = (stream(t.expand(batch, -1, -1)[:, None])[:, 0] for t in (cos, sin))
+        is_new = stream(keep[:, None, :, None].to(dtype))[:, 0, :, 0] > 0
+        span = q.shape[2]
+        valid = torch.arange(span, device=keep.device)[None] < total[:, None]
+        sinks = (attn.persistent_keys[None].expand(batch, -1, -1, -1).to(k.dtype),
+                 attn.persistent_values[None].expand(batch, -1, -1, -1).to(v.dtype))
+        if self.memory is not None:
+            mem = state if state is not None else NeuralMemoryState()
+            q_read, read_inputs = self.read.queries(x, None if state is None else state.read_conv)
+            q_read = stream(q_read)
+            cached_context = None if held == 0 else (state.context_keys, state.context_values)
+        outputs, weights_maps, context_keys, context_values, snapshot = [], [], [], [], None
+        last_segment = total // c
+        for n in range(span // c):
+            part = slice(n * c, (n + 1) * c)
+            fresh = is_new[:, part]
+            keys, values = k[:, :, part], v[:, :, part]
+            if self.memory is not None:
+                committed = mem.weights if mem.weights is not None else \
+                    [w[None].expand(batch, *w.shape).float() for w in self.memory.memory_init]
+                start = committed
+                if n == 0 and state is not None and state.snapshot is not None:  # a segment begun earlier
+                    begun = (count > 0)[:, None, None, None]
+                    start = [torch.where(begun, old, now) for old, now in zip(state.snapshot, committed)]
+                here = (last_segment == n)[:, None, None, None]
+                snapshot = start if snapshot is None else [torch.where(here, a, b) for a, b in zip(start, snapshot)]
+                h = self.read(start, q_read[:, :, part], dtype)  # [B, c, hidden]
+                h_keys = attn.k_proj(h).view(batch, c, -1, attn.head_dim).transpose(1, 2)
+                h_keys = apply_rotary(h_keys, cos[:, part], sin[:, part])
+                h_values = attn.v_proj(h).view(batch, c, -1, attn.value_head_dim).transpose(1, 2)
+                if n == 0 and cached_context is not None:  # the cached tokens' context as it was read
+                    old = ~fresh[:, None, :, None]
+                    h_keys = torch.where(old, F.pad(cached_context[0], (0, 0, 0, c - held)).to(h_keys.dtype), h_keys)
+                    h_values = torch.where(old, F.pad(cached_context[1], (0, 0, 0, c - held)).to(h_values.dtype),
+                                           h_values)
+                context_keys.append(h_keys)
+                context_values.append(h_values)
+                keys, values = torch.cat([h_keys, keys], dim=2), torch.cat([h_values, values], dim=2)
+            seen = torch.ones(c, c, dtype=torch.bool, device=keep.device).tril()[None] & valid[:, None, part]
+            bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, torch.finfo(q.dtype).min)
+            bias = torch.cat([bias.new_zeros(batch, c, attn.num_persistent)] + [bias] * (keys.shape[2] // c), -1)
+            keys, values = torch.cat([sinks[0], keys], dim=2), torch.cat([sinks[1], values], dim=2)
+            out, maps = attn.attend(q[:, :, part], keys, values, bias[:, None], **kwargs)
+            y = attn.o_proj(out)
+            if self.memory is not None:  # the memory learns the new tokens' attention outputs, in order
+                shift = (count if n == 0 else torch.zeros_like(count))[:, None]
+                to_front = (torch.arange(c, device=keep.device)[None] + shift).clamp(max=c - 1)
+                back = (torch.arange(c, device=keep.device)[None] - shift).clamp(min=0)
+                learn = fresh.gather(1, to_front) & (torch.arange(c, device=keep.device)[None] < c - shift)
+                m, _ = self.memory(y.gather(1, to_front[..., None].expand_as(y)), learn.long(), state=mem)
+                m = m.gather(1, back[..., None].expand_as(m))
+                y = self.attention_norm(y) * torch.sigmoid(self.memory_norm(m))
+            outputs.append(y)
+            weights_maps.append(maps)
+        out = from_segments(torch.cat(outputs, dim=1)[:, None], order)[:, 0, held:]
+        if state is not None:
+            rest = total - last_segment * c  # each row's tokens in its unfinished segment
+            slots = (last_segment[:, None] * c + torch.arange(c, device=keep.device)).clamp(max=span - 1)
+
+            def unfinished(t):
+                return t.gather(2, slots[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+
+            context = (None, None) if self.memory is None else \
+                (unfinished(torch.cat(context_keys, 2)), unfinished(torch.cat(context_values, 2)))
+            read_conv = None if self.memory is None else \
+                last_inputs(read_inputs, keep, state.read_conv, self.read.q_conv1d.kernel_size[0] - 1)
+            state.store_segment(unfinished(k), unfinished(v), *context, rest, snapshot, read_conv, length)
+        maps = None
+        if weights_maps[0] is not None:  # per query: persistent, the segment's context, the segment's tokens
+            maps = from_segments(torch.cat(weights_maps, dim=2), order)[:, :, held:]
+        return out, maps
+
+
 class TitansDecoderLayer(MemoryDecoderLayer):
     """Pre-norm block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). In MAL the memory is a layer of its
     own in front: x += M(RMSNorm(x)) first (eq. 29), and the mixer is SW-Attn*."""
@@ -310,12 +481,13 @@ class TitansDecoderLayer(MemoryDecoderLayer):
 class TitansPreTrainedModel(HFMemoryPreTrainedModel):
     config: TitansConfig
     config_class = TitansConfig
-    mixers = {"titans_mag": MemoryAsGate, "titans_mal": PersistentWindowAttention}
+    mixers = {"titans_mac": MemoryAsContext, "titans_mag": MemoryAsGate, "titans_mal": PersistentWindowAttention}
     decoder_layer = TitansDecoderLayer
     rope_layer_types = frozenset(LAYER_TYPES)
     _no_split_modules = ["TitansDecoderLayer"]
     _supports_flash_attn = False  # the persistent-memory + window mask: eager / sdpa with a 4-D mask
-    _can_record_outputs = {"hidden_states": TitansDecoderLayer, "attentions": PersistentWindowAttention}
+    _can_record_outputs = {"hidden_states": TitansDecoderLayer, "attentions": [PersistentWindowAttention,
+                                                                              MemoryAsContext]}
 
     def _init_weights(self, module):
         super()._init_weights(module)
