@@ -334,6 +334,11 @@ class MemoryRead(nn.Module):
         return self.o_proj(self.o_norm(y).flatten(2))
 
 
+def pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, H, n, d] zero-padded along n to ``length``."""
+    return F.pad(t, (0, 0, 0, length - t.shape[2]))
+
+
 def last_inputs(inputs, keep, history, kept: int):
     """The ``kept`` conv inputs up to each row's last real token (``keep`` [B, T]; pads may trail a row in MAC's
     segments): [B, D, kept] of history [B, D, <= kept] then inputs [B, D, T]; none for a kernel of 1."""
@@ -400,9 +405,24 @@ class MemoryAsContext(nn.Module):
             cached_context = None if held == 0 else (state.context_keys, state.context_values)
         outputs, weights_maps, context_keys, context_values, snapshot = [], [], [], [], None
         last_segment = total // c
+        slots_c = torch.arange(c, device=keep.device)
         for n in range(span // c):
             part = slice(n * c, (n + 1) * c)
-            fresh = is_new[:, part]
+            # queries only for the segment's new tokens: slots [lo, lo + fresh) of each row (decoding: one)
+            fresh = is_new[:, part].sum(1)
+            lo = count if n == 0 else torch.zeros_like(count)
+            width = max(int(fresh.max()), 1)
+            picks = (lo[:, None] + torch.arange(width, device=keep.device)).clamp(max=c - 1)  # [B, w]
+            live = torch.arange(width, device=keep.device)[None] < fresh[:, None]
+            into = torch.where(live, picks, c)  # where each query's result goes; c: dropped
+
+            def pick(t):  # [B, H, c, d] -> the queries' slots [B, H, w, d]
+                return t.gather(2, picks[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+
+            def place(t, base):  # [B, H, w, d] -> base [B, H, c, d] with the queries' slots replaced
+                base = F.pad(base, (0, 0, 0, 1))
+                return base.scatter(2, into[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]), t)[:, :, :c]
+
             keys, values = k[:, :, part], v[:, :, part]
             if self.memory is not None:
                 committed = mem.weights if mem.weights is not None else \
@@ -413,34 +433,29 @@ class MemoryAsContext(nn.Module):
                     start = [torch.where(begun, old, now) for old, now in zip(state.snapshot, committed)]
                 here = (last_segment == n)[:, None, None, None]
                 snapshot = start if snapshot is None else [torch.where(here, a, b) for a, b in zip(start, snapshot)]
-                h = self.read(start, q_read[:, :, part], dtype)  # [B, c, hidden]
-                h_keys = attn.k_proj(h).view(batch, c, -1, attn.head_dim).transpose(1, 2)
-                h_keys = apply_rotary(h_keys, cos[:, part], sin[:, part])
-                h_values = attn.v_proj(h).view(batch, c, -1, attn.value_head_dim).transpose(1, 2)
-                if n == 0 and cached_context is not None:  # the cached tokens' context as it was read
-                    old = ~fresh[:, None, :, None]
-                    h_keys = torch.where(old, F.pad(cached_context[0], (0, 0, 0, c - held)).to(h_keys.dtype), h_keys)
-                    h_values = torch.where(old, F.pad(cached_context[1], (0, 0, 0, c - held)).to(h_values.dtype),
-                                           h_values)
+                h = self.read(start, pick(q_read[:, :, part]), dtype)  # [B, w, hidden]
+                h_keys = attn.k_proj(h).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+                h_keys = apply_rotary(h_keys, *(pick(t[:, None, part])[:, 0] for t in (cos, sin)))
+                h_values = attn.v_proj(h).view(batch, width, -1, attn.value_head_dim).transpose(1, 2)
+                cached = (None, None) if n or cached_context is None else cached_context  # the tokens read before
+                h_keys, h_values = (place(new, torch.zeros_like(pad_to(new, c)) if old is None else
+                                          pad_to(old.to(new.dtype), c))
+                                    for new, old in zip((h_keys, h_values), cached))
                 context_keys.append(h_keys)
                 context_values.append(h_values)
                 keys, values = torch.cat([h_keys, keys], dim=2), torch.cat([h_values, values], dim=2)
-            seen = torch.ones(c, c, dtype=torch.bool, device=keep.device).tril()[None] & valid[:, None, part]
+            seen = (slots_c[None, None] <= picks[..., None]) & valid[:, None, part]  # [B, w, c]
             bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, torch.finfo(q.dtype).min)
-            bias = torch.cat([bias.new_zeros(batch, c, attn.num_persistent)] + [bias] * (keys.shape[2] // c), -1)
+            bias = torch.cat([bias.new_zeros(batch, width, attn.num_persistent)] + [bias] * (keys.shape[2] // c), -1)
             keys, values = torch.cat([sinks[0], keys], dim=2), torch.cat([sinks[1], values], dim=2)
-            out, maps = attn.attend(q[:, :, part], keys, values, bias[:, None], **kwargs)
-            y = attn.o_proj(out)
-            if self.memory is not None:  # the memory learns the new tokens' attention outputs, in order
-                shift = (count if n == 0 else torch.zeros_like(count))[:, None]
-                to_front = (torch.arange(c, device=keep.device)[None] + shift).clamp(max=c - 1)
-                back = (torch.arange(c, device=keep.device)[None] - shift).clamp(min=0)
-                learn = fresh.gather(1, to_front) & (torch.arange(c, device=keep.device)[None] < c - shift)
-                m, _ = self.memory(y.gather(1, to_front[..., None].expand_as(y)), learn.long(), state=mem)
-                m = m.gather(1, back[..., None].expand_as(m))
+            out, maps = attn.attend(pick(q[:, :, part]), keys, values, bias[:, None], **kwargs)
+            y = attn.o_proj(out)  # [B, w, hidden]: each row's new tokens in order, as the memory learns them
+            if self.memory is not None:
+                m, _ = self.memory(y, live.long(), state=mem)
                 y = self.attention_norm(y) * torch.sigmoid(self.memory_norm(m))
-            outputs.append(y)
-            weights_maps.append(maps)
+            outputs.append(place(y[:, None], y.new_zeros(batch, 1, c, y.shape[-1]))[:, 0])
+            weights_maps.append(None if maps is None else place(maps, maps.new_zeros(*maps.shape[:2], c,
+                                                                                     maps.shape[-1])))
         out = from_segments(torch.cat(outputs, dim=1)[:, None], order)[:, 0, held:]
         if state is not None:
             rest = total - last_segment * c  # each row's tokens in its unfinished segment
