@@ -32,7 +32,7 @@ def _single_process_run(preset: str):
     return model
 
 
-@pytest.mark.parametrize("preset", ["gated-deltanet-h1-tiny", "titans-mag-tiny"])
+@pytest.mark.parametrize("preset", ["gated-deltanet-h1-tiny", "titans-mac-tiny", "titans-mag-tiny"])
 def test_fsdp2_two_process_training_checkpoints_the_same_model_as_one_process(preset, tmp_path):
     worker = Path(__file__).with_name("fsdp_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
