@@ -391,33 +391,36 @@ class MemoryAsContext(nn.Module):
             cached = new.new_zeros(*new.shape[:2], held, new.shape[-1]) if cached is None else cached
             return to_segments(torch.cat([cached.to(new.dtype), new], dim=2), order, c)
 
-        q, k, v = stream(q), stream(k, state and state.keys), stream(v, state and state.values)
-        cos, sin = (stream(t.expand(batch, -1, -1)[:, None])[:, 0] for t in (cos, sin))
-        is_new = stream(keep[:, None, :, None].to(dtype))[:, 0, :, 0] > 0
-        span = q.shape[2]
+        k, v = stream(k, state and state.keys), stream(v, state and state.values)
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        ranked = real_first(keep)  # the new tokens by rank: the r-th real one sits at stream slot count + r
+        span = k.shape[2]
         valid = torch.arange(span, device=keep.device)[None] < total[:, None]
         sinks = (attn.persistent_keys[None].expand(batch, -1, -1, -1).to(k.dtype),
                  attn.persistent_values[None].expand(batch, -1, -1, -1).to(v.dtype))
         if self.memory is not None:
             mem = state if state is not None else NeuralMemoryState()
             q_read, read_inputs = self.read.queries(x, None if state is None else state.read_conv)
-            q_read = stream(q_read)
             cached_context = None if held == 0 else (state.context_keys, state.context_values)
-        outputs, weights_maps, context_keys, context_values, snapshot = [], [], [], [], None
+        out = hidden_states.new_zeros(batch, length + 1, hidden_states.shape[-1])  # slot `length`: dropped
+        context_keys, context_values, snapshot, maps_out = [], [], None, None
         last_segment = total // c
         slots_c = torch.arange(c, device=keep.device)
         for n in range(span // c):
             part = slice(n * c, (n + 1) * c)
             # queries only for the segment's new tokens: slots [lo, lo + fresh) of each row (decoding: one)
-            fresh = is_new[:, part].sum(1)
-            lo = count if n == 0 else torch.zeros_like(count)
+            lo = (count - n * c).clamp(min=0)
+            fresh = (torch.minimum(total, torch.full_like(total, (n + 1) * c)) - n * c - lo).clamp(min=0)
             width = max(int(fresh.max()), 1)
             picks = (lo[:, None] + torch.arange(width, device=keep.device)).clamp(max=c - 1)  # [B, w]
             live = torch.arange(width, device=keep.device)[None] < fresh[:, None]
-            into = torch.where(live, picks, c)  # where each query's result goes; c: dropped
+            into = torch.where(live, picks, c)  # where each query's keys go in the segment; c: dropped
+            rank = (n * c + picks - count[:, None]).clamp(0, length - 1)
+            source = torch.where(live, ranked.gather(1, rank), length)  # each query's token; length: none
 
-            def pick(t):  # [B, H, c, d] -> the queries' slots [B, H, w, d]
-                return t.gather(2, picks[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+            def pick(t):  # the new tokens' [B, H, T, d] -> the queries' [B, H, w, d]
+                index = source.clamp(max=length - 1)[:, None, :, None]
+                return t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[-1]))
 
             def place(t, base):  # [B, H, w, d] -> base [B, H, c, d] with the queries' slots replaced
                 base = F.pad(base, (0, 0, 0, 1))
@@ -433,9 +436,9 @@ class MemoryAsContext(nn.Module):
                     start = [torch.where(begun, old, now) for old, now in zip(state.snapshot, committed)]
                 here = (last_segment == n)[:, None, None, None]
                 snapshot = start if snapshot is None else [torch.where(here, a, b) for a, b in zip(start, snapshot)]
-                h = self.read(start, pick(q_read[:, :, part]), dtype)  # [B, w, hidden]
+                h = self.read(start, pick(q_read), dtype)  # [B, w, hidden]
                 h_keys = attn.k_proj(h).view(batch, width, -1, attn.head_dim).transpose(1, 2)
-                h_keys = apply_rotary(h_keys, *(pick(t[:, None, part])[:, 0] for t in (cos, sin)))
+                h_keys = apply_rotary(h_keys, *(pick(t[:, None])[:, 0] for t in (cos, sin)))
                 h_values = attn.v_proj(h).view(batch, width, -1, attn.value_head_dim).transpose(1, 2)
                 cached = (None, None) if n or cached_context is None else cached_context  # the tokens read before
                 h_keys, h_values = (place(new, torch.zeros_like(pad_to(new, c)) if old is None else
@@ -448,15 +451,15 @@ class MemoryAsContext(nn.Module):
             bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, torch.finfo(q.dtype).min)
             bias = torch.cat([bias.new_zeros(batch, width, attn.num_persistent)] + [bias] * (keys.shape[2] // c), -1)
             keys, values = torch.cat([sinks[0], keys], dim=2), torch.cat([sinks[1], values], dim=2)
-            out, maps = attn.attend(pick(q[:, :, part]), keys, values, bias[:, None], **kwargs)
-            y = attn.o_proj(out)  # [B, w, hidden]: each row's new tokens in order, as the memory learns them
+            attended, maps = attn.attend(pick(q), keys, values, bias[:, None], **kwargs)
+            y = attn.o_proj(attended)  # [B, w, hidden]: each row's new tokens in order, as the memory learns them
             if self.memory is not None:
                 m, _ = self.memory(y, live.long(), state=mem)
                 y = self.attention_norm(y) * torch.sigmoid(self.memory_norm(m))
-            outputs.append(place(y[:, None], y.new_zeros(batch, 1, c, y.shape[-1]))[:, 0])
-            weights_maps.append(None if maps is None else place(maps, maps.new_zeros(*maps.shape[:2], c,
-                                                                                     maps.shape[-1])))
-        out = from_segments(torch.cat(outputs, dim=1)[:, None], order)[:, 0, held:]
+            out = out.scatter(1, source[..., None].expand_as(y), y)
+            if maps is not None:  # per query: persistent, the segment's context, the segment's tokens
+                maps_out = maps.new_zeros(*maps.shape[:2], length + 1, maps.shape[-1]) if maps_out is None else maps_out
+                maps_out = maps_out.scatter(2, source[:, None, :, None].expand_as(maps), maps)
         if state is not None:
             rest = total - last_segment * c  # each row's tokens in its unfinished segment
             slots = (last_segment[:, None] * c + torch.arange(c, device=keep.device)).clamp(max=span - 1)
@@ -469,10 +472,7 @@ class MemoryAsContext(nn.Module):
             read_conv = None if self.memory is None else \
                 last_inputs(read_inputs, keep, state.read_conv, self.read.q_conv1d.kernel_size[0] - 1)
             state.store_segment(unfinished(k), unfinished(v), *context, rest, snapshot, read_conv, length)
-        maps = None
-        if weights_maps[0] is not None:  # per query: persistent, the segment's context, the segment's tokens
-            maps = from_segments(torch.cat(weights_maps, dim=2), order)[:, :, held:]
-        return out, maps
+        return out[:, :length], None if maps_out is None else maps_out[:, :, :length]
 
 
 class TitansDecoderLayer(MemoryDecoderLayer):
