@@ -107,6 +107,10 @@ class NeuralMemory(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(inner, hidden, bias=False)
 
+    def initial_weights(self, batch: int) -> list[torch.Tensor]:
+        """M_0 for every row, fp32: [B, H, d_in, d_out] per memory layer."""
+        return [w[None].expand(batch, *w.shape).float() for w in self.memory_init]
+
     def initial_gate_bias(self) -> torch.Tensor:
         return torch.tensor(list(GATE_BIAS_INIT.values()))[:, None].repeat(1, self.num_heads)
 
@@ -163,7 +167,7 @@ class NeuralMemory(nn.Module):
         if state is not None and state.weights is not None:
             weights, momentum = state.weights, state.momentum
         else:
-            weights = [w[None].expand(batch, *w.shape).float() for w in self.memory_init]
+            weights = self.initial_weights(batch)
             momentum = [torch.zeros_like(w) for w in weights]
         outputs = []
         for n in range(q.shape[2] // c):
@@ -391,7 +395,7 @@ class MemoryAsContext(nn.Module):
             cached = new.new_zeros(*new.shape[:2], held, new.shape[-1]) if cached is None else cached
             return to_segments(torch.cat([cached.to(new.dtype), new], dim=2), order, c)
 
-        k, v = stream(k, state and state.keys), stream(v, state and state.values)
+        k, v = stream(k, None if held == 0 else state.keys), stream(v, None if held == 0 else state.values)
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         ranked = real_first(keep)  # the new tokens by rank: the r-th real one sits at stream slot count + r
         span = k.shape[2]
@@ -428,8 +432,7 @@ class MemoryAsContext(nn.Module):
 
             keys, values = k[:, :, part], v[:, :, part]
             if self.memory is not None:
-                committed = mem.weights if mem.weights is not None else \
-                    [w[None].expand(batch, *w.shape).float() for w in self.memory.memory_init]
+                committed = mem.weights if mem.weights is not None else self.memory.initial_weights(batch)
                 start = committed
                 if n == 0 and state is not None and state.snapshot is not None:  # a segment begun earlier
                     begun = (count > 0)[:, None, None, None]
