@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--architectures", nargs="*", default=list(hf_memory.ARCHITECTURES))
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the speed rows")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -166,7 +167,7 @@ def main() -> None:
              "", "| tiny preset (fp32) | fused + SDPA vs reference + eager logits | cached decode vs full forward |",
              "|---|---|---|"]
     tiny = [n for n in hf_memory.PRESETS if n.endswith("-tiny")
-            and hf_memory.get_config(n).model_type.removeprefix("hfm_") in args.architectures]
+            and hf_memory.get_config(n).model_type.removeprefix("hfm_") in args.architectures and not args.skip_tiny]
     for name in tiny:
         try:
             cells = check_tiny(name)

@@ -35,6 +35,7 @@ FUSED_KERNELS: dict[str, tuple[str, str]] = {
     # the project's own Triton kernels
     "compressive_memory_retrieve": ("hf_memory.ops.triton_memory", "memory_retrieve"),
     "compressive_memory_write": ("hf_memory.ops.triton_memory", "memory_write"),
+    "neural_memory": ("hf_memory.ops.triton_neural_memory", "neural_memory_fused"),
 }
 
 _loaded: dict[str, Callable | None] = {}

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, FalconH1Config, Fal
 from hf_memory import cli
 from hf_memory.conversion.hymba import LAYER_NAMES
 from hf_memory.layers.attention import eager_attention
-from hf_memory.modeling.hymba.modeling_hymba import FLEX_MIN_QUERIES
+from hf_memory.modeling.hymba.modeling_hymba import FLEX_MIN_QUERIES, meta_layout
 from hf_memory.ops.position_masked_attention import (
     additive_position_mask,
     flex_block_mask,
@@ -332,3 +332,11 @@ def test_flex_attention_takes_long_queries_and_sdpa_takes_short_ones_on_cuda(mon
     attention_layers = fused.config.num_hidden_layers
     assert len(calls) == attention_layers and all(shape[2] >= FLEX_MIN_QUERIES for shape in calls)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_meta_token_layout_is_built_on_the_inputs_device_with_or_without_a_mask():
+    """A prefill without an attention mask once built the layout on the CPU and failed on CUDA inputs."""
+    for mask in (None, torch.ones(2, 7, dtype=torch.long, device="meta")):
+        order, output_index = meta_layout(mask, 2, 4, 3, torch.device("meta"))
+        assert order.device.type == output_index.device.type == "meta"
+        assert order.shape == (2, 7) and output_index.shape == (2, 4)

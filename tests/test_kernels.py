@@ -3,6 +3,7 @@ with the PyTorch references forward and backward (on CUDA, when the kernel packa
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import textwrap
@@ -294,6 +295,10 @@ def test_mamba_ssm_selective_scan_matches_reference_forward_and_backward(length)
 
 # ------------------------------------------------------------------- the project's Triton kernels
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# triton < 3.7's interpreter hands scalar arguments over as 1-element arrays, which NumPy 2 will not take as a loop
+# bound (TypeError: only 0-dimensional arrays can be converted to Python scalars; seen with 3.6.0)
+TRITON_INTERPRETER = HAS_TRITON and tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2]) >= (3, 7)
+interpreter = pytest.mark.skipif(not TRITON_INTERPRETER, reason="needs triton >= 3.7 (its CPU interpreter)")
 
 
 TRITON_MEMORY_CHECK = """
@@ -334,7 +339,7 @@ TRITON_MEMORY_CHECK = """
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@interpreter
 def test_triton_memory_read_and_write_match_reference_forward_and_backward_under_the_interpreter():
     # TRITON_INTERPRET is read when triton is imported: the fresh process runs the kernels on CPU
     run_python('DEVICE = "cpu"' + textwrap.dedent(TRITON_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "1"})
@@ -369,3 +374,129 @@ def test_memory_read_dispatches_to_the_triton_kernel_only_for_cuda_and_supported
     compressive_memory.write_memory(memory, norm, k, v, None, "delta")
     compressive_memory.write_memory(memory, norm, k, v, None, "delta", use_fused_kernels=False)
     assert writes == [1]
+
+
+NEURAL_MEMORY_CHECK = """
+        import torch
+        import torch.nn.functional as F
+        from hf_memory.ops.neural_memory import neural_memory_chunked
+        from hf_memory.ops.triton_neural_memory import neural_memory_fused
+        torch.manual_seed(0)
+        torch.set_default_device(DEVICE)
+        B, H, T, D, C = 2, 2, 48, 24, 16  # head size 24, hidden 80: padded, and two blocks of hidden units
+        cases = [(2, None, 1.0), (1, None, None), (1, [48, 37], 0.05), (2, [48, 37], None), (2, [10, 48], 0.05)]
+        for depth, lengths, max_grad_norm in cases:
+            hidden = 80 if depth == 2 else D
+            q, k = (F.normalize(torch.randn(B, H, T, D), dim=-1) for _ in range(2))
+            v = torch.randn(B, H, T, D)
+            theta, eta, alpha = torch.rand(B, H, T) * 0.5, 0.5 + 0.5 * torch.rand(B, H, T), torch.rand(B, H, T) * 0.1
+            sizes = [D] + [hidden] * (depth - 1) + [D]
+            weights = [torch.randn(B, H, a, b) / a ** 0.5 for a, b in zip(sizes, sizes[1:])]
+            momentum = [torch.randn_like(w) * 0.01 for w in weights]
+            lengths = None if lengths is None else torch.tensor(lengths)
+            real = torch.ones(B, T, dtype=torch.bool) if lengths is None else torch.arange(T)[None] < lengths[:, None]
+            real = real[:, None, :, None]
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, theta, eta, alpha, *weights, *momentum)]
+            results = []
+            for memory in (neural_memory_fused, neural_memory_chunked):
+                for t in leaves:
+                    t.grad = None
+                y, w, s = memory(*leaves[:6], leaves[6:6 + depth], leaves[6 + depth:], chunk_size=C,
+                                 max_grad_norm=max_grad_norm, lengths=lengths)
+                loss = (y * real).square().sum() + sum((x * torch.cos(x.detach())).sum() for x in w + s)
+                loss.backward()
+                results.append([y * real, *w, *s] + [t.grad.clone() for t in leaves])
+            for index, (fused, reference) in enumerate(zip(*results)):
+                error = (fused - reference).abs().max().item()
+                assert error <= 1e-5 * max(1.0, reference.abs().max().item()), (depth, lengths, index, error)
+        print("ok")
+"""
+
+
+@interpreter
+def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_under_the_interpreter():
+    run_python('DEVICE = "cpu"' + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "1"})
+
+
+@gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_on_cuda():
+    run_python('DEVICE = "cuda"' + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "0"})
+
+
+def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_sizes_it_covers(monkeypatch):
+    from hf_memory.ops import neural_memory as memory_ops
+
+    calls = []
+    monkeypatch.setitem(kernels._loaded, "neural_memory",
+                        lambda *args, **kwargs: calls.append(len(args[6])) or memory_ops.neural_memory_chunked(
+                            *args, **kwargs))
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+
+    def run(depth=2, dim=16, chunk_size=16, **kwargs):
+        q = torch.randn(1, 2, 128, dim)
+        gates = [torch.rand(1, 2, 128) * 0.5 for _ in range(3)]
+        sizes = [dim] + [2 * dim] * (depth - 1) + [dim]
+        weights = [torch.randn(1, 2, a, b) for a, b in zip(sizes, sizes[1:])]
+        memory_ops.neural_memory(q, q, q, *gates, weights, chunk_size=chunk_size, **kwargs)
+
+    run()
+    assert calls == []  # CPU
+    monkeypatch.setattr(kernels, "on_cuda", lambda *tensors: True)
+    run()
+    run(depth=1, dim=24)
+    assert calls == [2, 1]
+    run(depth=3)  # deeper memories, heads below 16 or above 128, chunks of 8 or 128, kernels off: the reference
+    run(dim=8)
+    run(dim=160)
+    run(chunk_size=8)
+    run(chunk_size=128)
+    run(use_fused_kernels=False)
+    assert calls == [2, 1]
+
+
+@gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_titans_on_cuda_gives_the_same_logits_and_gradients_with_and_without_the_triton_memory(variant):
+    overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)  # the kernel's smallest chunk
+    models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).cuda().train() for flag in (True, False)]
+    ids = random_ids(models[0].config, 2, 70).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0  # rows out of step: row 0 closes its chunks 9 tokens later
+    results = []
+    for model in models:
+        output = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        output.loss.backward()
+        results.append([output.logits[mask.bool()]] + [p.grad for p in model.parameters()])
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+
+
+HOPPER_SHARED_MEMORY = 232448  # bytes a kernel may ask for on an H100 / H200 SM (the limit Triton reports there)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_triton_neural_memory_fits_a_hopper_sm_at_the_largest_sizes_it_accepts(depth):
+    """Compiled for sm_90 ahead of time (no GPU needed): at head size 128, hidden 256 and chunks of 64 the kernel's
+    shared memory stays under the SM's limit. (An H200 refused 312 KiB at head size 96 before the hidden units went
+    in blocks and the loops to one stage.)"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_memory.ops import neural_memory as memory_ops
+    from hf_memory.ops import triton_neural_memory as fused
+
+    d, chunk = memory_ops.FUSED_MAX_HEAD_SIZE, max(memory_ops.FUSED_CHUNK_SIZES)
+    kernel = fused._linear_memory_kernel if depth == 1 else fused._mlp_memory_kernel
+    constants = dict(D=d, D_PAD=triton.next_power_of_2(d), C=chunk, CLIP=True, SAVE=True)
+    if depth == 2:
+        constants.update(DH=2 * d, BH=fused.hidden_block(d, 2 * d))  # blocks: the width does not matter
+    signature = {name: "*i32" if name == "lengths_ptr" else "*fp32" for name in kernel.arg_names
+                 if name.endswith("_ptr")}
+    signature.update(length="i32", heads="i32", max_grad_norm="fp32", **dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, compiled.metadata.shared

@@ -100,3 +100,29 @@ def test_memory_state_and_output_are_fp32_for_bf16_inputs():
     inputs, weights = _inputs(depth=2)
     y, final, momentum = neural_memory_chunked(*[t.bfloat16() for t in inputs], _batched(weights, 2), chunk_size=4)
     assert y.dtype == torch.float32 and all(w.dtype == torch.float32 for w in final + momentum)
+
+
+def test_rows_commit_only_the_chunks_their_lengths_complete_in_both_forms():
+    """``lengths`` [B]: row 0 completes one chunk of 8 out of three, row 1 all; the chunked form equals the token-by-
+    token reference, row 1 equals the same row alone, and row 0 ends with the weights of its first chunk."""
+    inputs, weights = _inputs(requires_grad=True)
+    lengths = torch.tensor([13, 24])
+    results = []
+    for implementation in (neural_memory_reference, neural_memory_chunked):
+        y, final, momentum = implementation(*inputs, _batched(weights, 2), chunk_size=8, lengths=lengths)
+        real = (torch.arange(24)[None] < lengths[:, None])[:, None, :, None]
+        (y * real).square().sum().backward()
+        results.append([y * real, *final, *momentum] + [t.grad.clone() for t in inputs + weights])
+        for t in inputs + weights:
+            t.grad = None
+    for chunked, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        alone = neural_memory_chunked(*[t[1:] for t in inputs], _batched(weights, 1), chunk_size=8)
+        first = neural_memory_chunked(*[t[:1, :, :8] for t in inputs], _batched(weights, 1), chunk_size=8)
+        y, final, _ = neural_memory_chunked(*inputs, _batched(weights, 2), chunk_size=8, lengths=lengths)
+    torch.testing.assert_close(y[1:], alone[0])
+    for w, w_alone, w_first in zip(final, alone[1], first[1]):
+        torch.testing.assert_close(w[1:], w_alone)
+        torch.testing.assert_close(w[:1], w_first)
+    torch.testing.assert_close(y[:1, :, 8:13], mlp_forward(first[1], inputs[0][:1, :, 8:13].detach())[0])

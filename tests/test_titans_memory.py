@@ -28,14 +28,16 @@ def test_a_left_padded_row_gives_its_unpadded_outputs():
 
 def test_the_mixer_gives_the_same_outputs_and_gradients_through_the_token_by_token_reference(monkeypatch):
     import hf_memory.modeling.titans.modeling_titans as titans
-    from hf_memory.ops.neural_memory import neural_memory_reference
+    from hf_memory.ops.neural_memory import neural_memory_chunked, neural_memory_reference
 
     x = torch.randn(2, 15, 32)
     mask = torch.ones(2, 15, dtype=torch.long)
     mask[0, :5] = 0
     results = []
-    for implementation in (titans.neural_memory_chunked, neural_memory_reference):
-        monkeypatch.setattr(titans, "neural_memory_chunked", implementation)
+    for implementation in (neural_memory_chunked, neural_memory_reference):
+        monkeypatch.setattr(titans, "neural_memory",
+                            lambda *args, use_fused_kernels, implementation=implementation, **kwargs:
+                            implementation(*args, **kwargs))
         memory = _memory()
         out, _ = memory(x, attention_mask=mask)
         out[mask.bool()].square().sum().backward()

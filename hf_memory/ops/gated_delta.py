@@ -105,10 +105,13 @@ def gated_delta_rule_chunked(
 
     state = q.new_zeros(batch, heads, d_k, d_v) if initial_state is None else initial_state.float()
     outputs = []
-    for n in range(n_chunks):
-        u = w_v[:, :, n] - w_k[:, :, n] @ state  # [B, H, C, d_v]
-        outputs.append(q_decayed[:, :, n] @ state + intra[:, :, n] @ u)
-        state = chunk_decay[:, :, n, None, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ u
+    # per-chunk views taken once (unbind): indexing the full tensors inside the loop would make each chunk's
+    # backward write a gradient the size of the whole sequence (quadratic in T)
+    chunks = zip(*(x.unbind(2) for x in (w_v, w_k, q_decayed, intra, k_to_end, chunk_decay)))
+    for w_v_n, w_k_n, q_decayed_n, intra_n, k_to_end_n, chunk_decay_n in chunks:
+        u = w_v_n - w_k_n @ state  # [B, H, C, d_v]
+        outputs.append(q_decayed_n @ state + intra_n @ u)
+        state = chunk_decay_n[..., None, None] * state + k_to_end_n.transpose(-1, -2) @ u
     o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, d_v)[:, :, :length]
     return o.transpose(1, 2).to(out_dtype), state
 

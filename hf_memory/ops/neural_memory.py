@@ -25,13 +25,21 @@ Implementations:
   * ``neural_memory_reference``: the definition, token by token, materialising every gradient;
   * ``neural_memory_chunked``: the same function with each token's gradient kept factored (a rank-1 outer
     product per layer), momentum and decay folded into one coefficient per token from log-space cumulative
-    products, and one matmul per layer per chunk for the commit.
+    products, and one matmul per layer per chunk for the commit (``chunk_step``);
+  * ``neural_memory``: dispatch between ``neural_memory_chunked`` and the fused Triton kernel on CUDA.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hf_memory.kernels import fused_kernel
+
+# what the Triton kernel covers: blocks of [head size, 32 or 64] fp32 weights (depth 1: all of W) and a chunk's
+# [chunk, head size] operands in one program stay under a Hopper SM's 227 KiB of shared memory
+FUSED_MAX_HEAD_SIZE = 128
+FUSED_CHUNK_SIZES = (16, 32, 64)
 
 
 def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor):
@@ -84,15 +92,17 @@ def _in_fp32(q, k, v, theta, eta, alpha, weights, momentum, chunk_size: int):
 
 
 def neural_memory_reference(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size: int = 1,
-                            max_grad_norm: float | None = 1.0):
+                            max_grad_norm: float | None = 1.0, lengths: torch.Tensor | None = None):
     """Token by token. q, k, v [B, H, T, d]; theta, eta, alpha [B, H, T]; weights: the memory's layers
     [B, H, d_in, d_out] (M_0, fp32); momentum: S_0 (zeros if None). T must be a multiple of ``chunk_size``.
+    ``lengths`` [B] (None: all T): a row commits only the chunks its first ``lengths`` tokens complete.
     Returns y [B, H, T, d] (fp32) and the final (weights, momentum)."""
     q, k, v, theta, eta, alpha, weights, momentum = _in_fp32(q, k, v, theta, eta, alpha, weights, momentum,
                                                              chunk_size)
     length = q.shape[2]
     committed, outputs = weights, []
     for start in range(0, length, chunk_size):
+        kept_momentum = momentum
         for t in range(start, start + chunk_size):
             factors = token_gradients(committed, k[:, :, t : t + 1], v[:, :, t : t + 1])
             scale = clip_scale(factors, max_grad_norm)
@@ -100,6 +110,10 @@ def neural_memory_reference(q, k, v, theta, eta, alpha, weights, momentum=None, 
             momentum = [eta[:, :, t, None, None] * s - step * (a.transpose(-1, -2) @ d)
                         for s, (a, d) in zip(momentum, factors)]
             weights = [(1 - alpha[:, :, t, None, None]) * w + s for w, s in zip(weights, momentum)]
+        if lengths is not None:  # rows that have not reached the chunk's end keep what they had
+            done = (lengths >= start + chunk_size)[:, None, None, None]
+            weights = [torch.where(done, new, old) for new, old in zip(weights, committed)]
+            momentum = [torch.where(done, new, old) for new, old in zip(momentum, kept_momentum)]
         reads = q[:, :, start : start + chunk_size]
         before = mlp_forward(committed, reads[:, :, :-1])[0]
         committed = weights
@@ -107,10 +121,9 @@ def neural_memory_reference(q, k, v, theta, eta, alpha, weights, momentum=None, 
     return torch.cat(outputs, dim=2), weights, momentum
 
 
-def neural_memory_chunked(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size: int = 64,
-                          max_grad_norm: float | None = 1.0):
-    """``neural_memory_reference`` chunk by chunk with factored gradients. Within a chunk of n tokens, with
-    l_eta and l_beta the cumulative sums of log eta and log(1 - alpha) from the chunk start:
+def chunk_step(q, k, v, theta, eta, alpha, weights, momentum, max_grad_norm: float | None = 1.0, done=None):
+    """One chunk of n tokens (fp32 inputs, [B, H, n, ...]). With l_eta and l_beta the cumulative sums of log eta
+    and log(1 - alpha) from the chunk start:
 
         S_n = exp(l_eta[n]) S_0 - sum_j theta_j exp(l_eta[n] - l_eta[j]) G_j
         M_n = exp(l_beta[n]) M_0 + sum_i exp(l_beta[n] - l_beta[i]) S_i
@@ -118,32 +131,66 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, weights, momentum=None, ch
         f = sum_i exp(l_beta[n] - l_beta[i] + l_eta[i]),
         c_j = theta_j sum_{i >= j} exp(l_beta[n] - l_beta[i] + l_eta[i] - l_eta[j])
 
-    and each sum over G_j = a_j^T delta_j is one matmul (c * a)^T delta."""
+    and each sum over G_j = a_j^T delta_j is one matmul (c * a)^T delta. ``done`` [B] (None: every row) says which
+    rows commit the chunk; the others keep their weights and momentum. Returns the chunk's outputs (the last token
+    reads the committed weights) and the committed weights and momentum."""
+    factors = token_gradients(weights, k, v)
+    scale = clip_scale(factors, max_grad_norm)
+    step = theta * (1 if scale is None else scale)  # [B, H, n]
+    log_eta = torch.log(eta.clamp(min=1e-30)).cumsum(-1)
+    log_beta = torch.log1p(-alpha).cumsum(-1)
+    causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()  # [i, j]: i >= j
+    # decay from token i to the chunk end times momentum carried from j to i: [B, H, i, j]
+    carry = (log_beta[..., -1:] - log_beta + log_eta)[..., :, None] - log_eta[..., None, :]
+    carry = torch.exp(carry.masked_fill(~causal, float("-inf")))
+    coefficient = step * carry.sum(-2)  # c_j
+    from_momentum = torch.exp(log_beta[..., -1:] - log_beta + log_eta).sum(-1)  # f
+    decay, kept = torch.exp(log_beta[..., -1]), torch.exp(log_eta[..., -1])
+    momentum_weights = torch.exp(log_eta[..., -1:] - log_eta) * step  # theta_j exp(l_eta[n] - l_eta[j])
+    new_weights, new_momentum = [], []
+    for w, s, (a, d) in zip(weights, momentum, factors):
+        update = (coefficient[..., None] * a).transpose(-1, -2) @ d
+        new_weights.append(decay[..., None, None] * w + from_momentum[..., None, None] * s - update)
+        new_momentum.append(kept[..., None, None] * s - (momentum_weights[..., None] * a).transpose(-1, -2) @ d)
+    if done is not None:
+        commit = done[:, None, None, None]
+        new_weights = [torch.where(commit, new, old) for new, old in zip(new_weights, weights)]
+        new_momentum = [torch.where(commit, new, old) for new, old in zip(new_momentum, momentum)]
+    y = torch.cat([mlp_forward(weights, q[:, :, :-1])[0], mlp_forward(new_weights, q[:, :, -1:])[0]], dim=2)
+    return y, new_weights, new_momentum
+
+
+def neural_memory_chunked(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size: int = 64,
+                          max_grad_norm: float | None = 1.0, lengths: torch.Tensor | None = None):
+    """``neural_memory_reference`` chunk by chunk with factored gradients (``chunk_step``). ``lengths`` [B]
+    (None: all T): a row commits only the chunks its first ``lengths`` tokens complete; its later positions read
+    the weights it committed last (a chunk no row completes costs one read)."""
     q, k, v, theta, eta, alpha, weights, momentum = _in_fp32(q, k, v, theta, eta, alpha, weights, momentum,
                                                              chunk_size)
-    length = q.shape[2]
     outputs = []
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()  # [i, j]: i >= j
-    for start in range(0, length, chunk_size):
-        chunk = slice(start, start + chunk_size)
-        factors = token_gradients(weights, k[:, :, chunk], v[:, :, chunk])
-        scale = clip_scale(factors, max_grad_norm)
-        step = theta[:, :, chunk] * (1 if scale is None else scale)  # [B, H, n]
-        log_eta = torch.log(eta[:, :, chunk].clamp(min=1e-30)).cumsum(-1)
-        log_beta = torch.log1p(-alpha[:, :, chunk]).cumsum(-1)
-        # decay from token i to the chunk end times momentum carried from j to i: [B, H, i, j]
-        carry = (log_beta[..., -1:] - log_beta + log_eta)[..., :, None] - log_eta[..., None, :]
-        carry = torch.exp(carry.masked_fill(~causal, float("-inf")))
-        coefficient = step * carry.sum(-2)  # c_j
-        from_momentum = torch.exp(log_beta[..., -1:] - log_beta + log_eta).sum(-1)  # f
-        decay, kept = torch.exp(log_beta[..., -1]), torch.exp(log_eta[..., -1])
-        momentum_weights = torch.exp(log_eta[..., -1:] - log_eta) * step  # theta_j exp(l_eta[n] - l_eta[j])
-        new_weights, new_momentum = [], []
-        for w, s, (a, d) in zip(weights, momentum, factors):
-            update = (coefficient[..., None] * a).transpose(-1, -2) @ d
-            new_weights.append(decay[..., None, None] * w + from_momentum[..., None, None] * s - update)
-            new_momentum.append(kept[..., None, None] * s - (momentum_weights[..., None] * a).transpose(-1, -2) @ d)
-        reads = q[:, :, chunk]
-        outputs += [mlp_forward(weights, reads[:, :, :-1])[0], mlp_forward(new_weights, reads[:, :, -1:])[0]]
-        weights, momentum = new_weights, new_momentum
+    # per-chunk views taken once (split): slicing the full tensors inside the loop would make each chunk's backward
+    # write a gradient the size of the whole sequence (quadratic in T)
+    chunks = zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, theta, eta, alpha)))
+    for n, pieces in enumerate(chunks):
+        done = None if lengths is None else lengths >= (n + 1) * chunk_size
+        if done is not None and not done.any():
+            outputs.append(mlp_forward(weights, pieces[0])[0])
+            continue
+        y, weights, momentum = chunk_step(*pieces, weights, momentum, max_grad_norm,
+                                          None if done is None or done.all() else done)
+        outputs.append(y)
     return torch.cat(outputs, dim=2), weights, momentum
+
+
+def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size: int = 64,
+                  max_grad_norm: float | None = 1.0, lengths: torch.Tensor | None = None,
+                  use_fused_kernels: bool = True):
+    """``neural_memory_chunked``, or on CUDA the project's Triton kernel (``hf_memory.ops.triton_neural_memory``:
+    one launch for every chunk) where it applies: memory depth 1 or 2, head size 16 to 128, hidden size
+    >= 16, chunks of 16, 32 or 64 tokens."""
+    fits = (len(weights) <= 2 and 16 <= q.shape[-1] <= FUSED_MAX_HEAD_SIZE and weights[0].shape[-1] >= 16
+            and chunk_size in FUSED_CHUNK_SIZES)
+    kernel = fused_kernel("neural_memory", q, k, v, use_fused_kernels=use_fused_kernels and fits)
+    memory = neural_memory_chunked if kernel is None else kernel
+    return memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=chunk_size, max_grad_norm=max_grad_norm,
+                  lengths=lengths)

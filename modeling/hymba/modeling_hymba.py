@@ -313,7 +313,7 @@ class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
             mask = torch.cat([mask.new_ones(batch, M), mask], dim=-1)
         if past:
             return inputs_embeds, mask if mask is not None else attention_mask, position_ids, None
-        order, output_index = meta_layout(mask, batch, length, M)
+        order, output_index = meta_layout(mask, batch, length, M, inputs_embeds.device)
         embeds = torch.cat([self.memory_tokens.to(inputs_embeds.dtype)[None].expand(batch, -1, -1), inputs_embeds], 1)
         meta_positions = torch.arange(M, device=position_ids.device)[None].expand(position_ids.shape[0], -1)
         positions = torch.cat([meta_positions, position_ids], dim=1).expand(batch, -1)
@@ -335,7 +335,7 @@ class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if mask is not None:
             mask = torch.cat([mask.new_ones(batch, M), mask], dim=-1)
-        index = meta_layout(mask, batch, length, M)[1]
+        index = meta_layout(mask, batch, length, M, outputs.last_hidden_state.device)[1]
 
         def text_only(x, dim):  # drop the meta-token positions a prefill added along ``dim``
             if x.shape[dim] != length + M:
@@ -351,15 +351,14 @@ class HymbaModel(HymbaPreTrainedModel, HFMemoryModel):
         return outputs if return_dict is not False else outputs.to_tuple()
 
 
-def meta_layout(mask, batch: int, length: int, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_layout(mask, batch: int, length: int, M: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a prefill puts the meta tokens: ``order`` [B, M + T] lays out ``[meta ; tokens]`` as
     ``[pads, meta, real tokens]`` (a stable sort of the extended 2-D ``mask``, pads first), ``output_index``
     [B, T] finds each input token in that layout."""
     if mask is None:
-        order = torch.arange(M + length)[None].expand(batch, -1)
+        order = torch.arange(M + length, device=device)[None].expand(batch, -1)
     else:
         order = torch.sort(mask.long(), dim=1, stable=True).indices
-    order = order.to(mask.device if mask is not None else "cpu")
     output_index = torch.argsort(order, dim=1)[:, M:]
     return order, output_index
 

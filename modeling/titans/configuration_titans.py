@@ -37,6 +37,8 @@ class TitansConfig(HFMemoryConfig):
     memory's read-out as context for the segment's attention, the memory updated with the attention output), ``"mag"`` (memory as gate:
     sliding-window attention of ``sliding_window`` gated by the memory branch), ``"mal"`` (memory as layer:
     the memory, then sliding-window attention). ``use_memory=False`` is the attention-only ablation.
+    ``use_fused_kernels=False`` keeps the memory on its PyTorch reference on CUDA too (the fused Triton kernel
+    covers memory depth 1-2 with power-of-two sizes and chunks of at least 16).
     """
 
     model_type = "hfm_titans"
@@ -63,6 +65,7 @@ class TitansConfig(HFMemoryConfig):
     segment_size: int = 512
     sliding_window: int = 512
     use_memory: bool = True
+    use_fused_kernels: bool = True
 
     def fill_defaults(self) -> None:
         """Memory heads as the attention's; ``layer_types`` all of the variant."""

@@ -35,7 +35,7 @@ from hf_memory.modeling_utils import (
     MemoryDecoderLayer,
     padding_mask,
 )
-from hf_memory.ops.neural_memory import mlp_forward, neural_memory_chunked
+from hf_memory.ops.neural_memory import mlp_forward, neural_memory
 from hf_memory.ops.position_masked_attention import additive_position_mask
 from hf_memory.ops.short_conv import conv_projections
 from hf_memory.ops.sliding_window import sliding_window_attention
@@ -77,7 +77,7 @@ class NeuralMemory(nn.Module):
 
         q, k, v = SiLU(DepthwiseConv(W_{q,k,v} x)), q and k L2-normalised per head        (eq. 11, section 4.4)
         theta_t = max_lr * sigmoid(w_theta x_t + b), eta_t = sigmoid(...), alpha_t = sigmoid(...)  (per head)
-        y_t = M_{c(t)}(q_t), M learned on (k_t, v_t) by ``neural_memory_chunked``            (eqs. 12-15)
+        y_t = M_{c(t)}(q_t), M learned on (k_t, v_t) by ``neural_memory``                    (eqs. 12-15)
         out = W_o (RMSNorm(y) * SiLU(W_g x))                                                   (section 4.4)
 
     M_0 is learned per head. Chunks are counted per row over its real tokens (a left-padded row reads and
@@ -89,6 +89,7 @@ class NeuralMemory(nn.Module):
         self.num_heads, self.head_dim = config.memory_num_heads, config.memory_head_dim
         self.chunk_size, self.conv_size = config.memory_chunk_size, config.memory_conv_kernel
         self.max_lr, self.max_grad_norm = config.memory_max_lr, config.memory_max_grad_norm
+        self.use_fused_kernels = config.use_fused_kernels
         hidden, inner = config.hidden_size, self.num_heads * self.head_dim
         self.q_proj = nn.Linear(hidden, inner, bias=False)
         self.k_proj = nn.Linear(hidden, inner, bias=False)
@@ -169,20 +170,10 @@ class NeuralMemory(nn.Module):
         else:
             weights = self.initial_weights(batch)
             momentum = [torch.zeros_like(w) for w in weights]
-        outputs = []
-        for n in range(q.shape[2] // c):
-            chunk = slice(n * c, (n + 1) * c)
-            done = (real >= (n + 1) * c)[:, None, None, None]  # the row's chunk is complete: commit it
-            if not done.any():  # no row closes this chunk (decoding, mostly): its real tokens read the committed M
-                outputs.append(mlp_forward(weights, q[:, :, chunk])[0])
-                continue
-            y, new_weights, new_momentum = neural_memory_chunked(
-                q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], theta[:, :, chunk], eta[:, :, chunk],
-                alpha[:, :, chunk], weights, momentum, chunk_size=c, max_grad_norm=self.max_grad_norm)
-            weights = [torch.where(done, new, old) for new, old in zip(new_weights, weights)]
-            momentum = [torch.where(done, new, old) for new, old in zip(new_momentum, momentum)]
-            outputs.append(y)
-        y = from_segments(torch.cat(outputs, dim=2), order)
+        y, weights, momentum = neural_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=c,
+                                             max_grad_norm=self.max_grad_norm, lengths=real,
+                                             use_fused_kernels=self.use_fused_kernels)
+        y = from_segments(y, order)
         if state is None:  # nothing to keep
             return y, weights, momentum, None
         start = real // c * c  # each row's unfinished chunk
@@ -282,7 +273,7 @@ class PersistentWindowAttention(Attention):
         return self.o_proj(out), weights
 
 
-def neural_memory(config: TitansConfig, layer_idx: int) -> NeuralMemory | None:
+def long_term_memory(config: TitansConfig, layer_idx: int) -> NeuralMemory | None:
     """The layer's long-term memory, or None for the attention-only ablation (``use_memory=False``)."""
     return NeuralMemory(config, layer_idx) if config.use_memory else None
 
@@ -299,7 +290,7 @@ class MemoryAsGate(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = PersistentWindowAttention(config, layer_idx)
-        self.memory = neural_memory(config, layer_idx)
+        self.memory = long_term_memory(config, layer_idx)
         if self.memory is not None:
             self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.memory_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -369,7 +360,7 @@ class MemoryAsContext(nn.Module):
         super().__init__()
         self.layer_idx, self.segment_size = layer_idx, config.segment_size
         self.self_attn = PersistentWindowAttention(config, layer_idx)  # its projections and persistent memory
-        self.memory = neural_memory(config, layer_idx)
+        self.memory = long_term_memory(config, layer_idx)
         if self.memory is not None:
             self.read = MemoryRead(config)
             self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -484,7 +475,7 @@ class TitansDecoderLayer(MemoryDecoderLayer):
 
     def __init__(self, config: TitansConfig, layer_idx: int, mixers, ffns):
         super().__init__(config, layer_idx, mixers, ffns)
-        self.memory = neural_memory(config, layer_idx) if self.layer_type == "titans_mal" else None
+        self.memory = long_term_memory(config, layer_idx) if self.layer_type == "titans_mal" else None
         if self.memory is not None:
             self.memory_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
