@@ -1,0 +1,124 @@
+"""Every speed ratio against the implementation a user would pick instead, measured one way: A and B interleaved
+in one process, one thread (``--threads``), a warm-up call each, then the median and the spread (min - max) of
+``--repeats`` timings each. Ratio = B's median / A's median: above 1, hf-memory (A) is faster.
+
+    python benchmarks/peer_ratios.py --output benchmarks/results/peer_ratios.md
+
+Rows so far (issue 12 adds the others as they are measured):
+  * Gated DeltaNet operator, ``gated_delta_rule_chunked`` vs transformers' ``torch_chunk_gated_delta_rule``
+    (Qwen3-Next) on the same inputs: forward and forward + backward at 2K and 8K tokens (1 batch row, 4 heads of
+    64, chunks of 64), and the forward's share of this CPU's single-thread fp32 matmul rate (the FLOPs of the
+    chunked form's matmuls and triangular solves over the time of one 1024 x 1024 x 1024 matmul's rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from report import emit
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def interleaved(a: Callable, b: Callable, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` calls of a and b, alternating, after one warm-up call of each."""
+    a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(a))
+        times_b.append(timed(b))
+    return times_a, times_b
+
+
+def cells(times_a: list[float], times_b: list[float]) -> str:
+    a, b = statistics.median(times_a), statistics.median(times_b)
+    return (f"{1e3 * a:.1f} ({1e3 * min(times_a):.1f}–{1e3 * max(times_a):.1f}) | "
+            f"{1e3 * b:.1f} ({1e3 * min(times_b):.1f}–{1e3 * max(times_b):.1f}) | {b / a:.2f}x")
+
+
+# ------------------------------------------------------------------------------------------ Gated DeltaNet
+def gated_delta_inputs(length: int, heads: int = 4, dim: int = 64, requires_grad: bool = False):
+    generator = torch.Generator().manual_seed(0)
+    q, k = (F.normalize(torch.randn(1, length, heads, dim, generator=generator), dim=-1) for _ in range(2))
+    v = torch.randn(1, length, heads, dim, generator=generator)
+    g = -torch.rand(1, length, heads, generator=generator) * 0.1
+    beta = torch.rand(1, length, heads, generator=generator)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v, g, beta)]
+
+
+def gated_delta_flops(length: int, heads: int = 4, dim: int = 64, chunk: int = 64) -> float:
+    """Multiply-adds x 2 of the chunked form's forward: per chunk the [C, C] products K K^T and Q K^T, the two
+    triangular solves (C^2 d / 2 each side), and the state reads and writes (C d^2 each, four of them)."""
+    per_chunk = 2 * chunk * chunk * dim + 2 * (chunk * chunk * dim / 2) * 2 + 4 * chunk * dim * dim
+    return 2 * per_chunk * heads * (length / chunk)
+
+
+def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / seconds
+
+
+def gated_delta_rows(repeats: int) -> list[str]:
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    from hf_memory.ops.gated_delta import gated_delta_rule_chunked
+
+    def ours(inputs):
+        return gated_delta_rule_chunked(*inputs, chunk_size=64)
+
+    def theirs(inputs):
+        return torch_chunk_gated_delta_rule(*inputs, chunk_size=64, output_final_state=True)
+
+    rate = matmul_rate()
+    lines = []
+    for length in (2048, 8192):
+        inputs = gated_delta_inputs(length)
+        with torch.no_grad():
+            forward = interleaved(lambda: ours(inputs), lambda: theirs(inputs), repeats)
+            difference = (ours(inputs)[0] - theirs(inputs)[0]).abs().max().item()
+        share = gated_delta_flops(length) / statistics.median(forward[0]) / rate
+        lines.append(f"| GDN operator, forward, {length} tokens | {cells(*forward)} | {share:.0%} of "
+                     f"{rate / 1e9:.0f} GFLOP/s; outputs differ by {difference:.1e} |")
+        leaves = gated_delta_inputs(length, requires_grad=True)
+
+        def step(operator):
+            def run():
+                for t in leaves:
+                    t.grad = None
+                o, state = operator(leaves)
+                (o.square().sum() + state.sum()).backward()
+            return run
+
+        lines.append(f"| GDN operator, forward + backward, {length} tokens | "
+                     f"{cells(*interleaved(step(ours), step(theirs), repeats))} | |")
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [f"Peer ratios on CPU, {args.threads} thread(s), torch {torch.__version__}: median (min–max) ms of "
+             f"{args.repeats} interleaved repeats after a warm-up; ratio = peer / hf-memory (> 1: hf-memory faster)",
+             "", "| comparison | hf-memory ms | peer ms | ratio | note |", "|---|---|---|---|---|"]
+    lines += gated_delta_rows(args.repeats)
+    emit(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()
