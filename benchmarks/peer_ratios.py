@@ -9,6 +9,7 @@ Rows so far (issue 12 adds the others as they are measured):
     (Qwen3-Next) on the same inputs: forward and forward + backward at 2K and 8K tokens (1 batch row, 4 heads of
     64, chunks of 64), and the forward's share of this CPU's single-thread fp32 matmul rate (the FLOPs of the
     chunked form's matmuls and triangular solves over the time of one 1024 x 1024 x 1024 matmul's rate).
+  * Titans memory layer vs ``titans-pytorch``'s NeuralMemory computing the same function (forward).
 """
 
 from __future__ import annotations
@@ -106,6 +107,30 @@ def gated_delta_rows(repeats: int) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------------- Titans
+def titans_rows(repeats: int) -> list[str]:
+    """Titans' memory layer (hf-memory's NeuralMemory mixer) vs titans-pytorch's NeuralMemory set to compute the same
+    function (tests/test_titans_peer.py's settings), benchmarks/titans_speed.py's sizes: hidden 256, 4 heads of 64,
+    depth 2, chunks of 16, batch 2 x 1024. Left out when titans-pytorch is not installed."""
+    from titans_speed import peer_layers, titans_config
+
+    from hf_memory.modeling.titans.modeling_titans import NeuralMemory
+
+    config = titans_config()
+    peers = peer_layers(config.hidden_size)
+    if not peers:
+        return ["| Titans memory layer vs titans-pytorch | not measured: titans-pytorch not installed | | | |"]
+    peer = next(layer for name, layer in peers.items() if "our function" in name)
+    torch.manual_seed(0)
+    ours = NeuralMemory(config, 0).eval()
+    x = torch.randn(2, 1024, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        times = interleaved(lambda: ours(x), lambda: peer(x), repeats)
+    line = f"| Titans memory layer forward, 2 x 1024 tokens, vs titans-pytorch (same function) | {cells(*times)} | |"
+    print(line, flush=True)
+    return [line]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -117,6 +142,7 @@ def main() -> None:
              f"{args.repeats} interleaved repeats after a warm-up; ratio = peer / hf-memory (> 1: hf-memory faster)",
              "", "| comparison | hf-memory ms | peer ms | ratio | note |", "|---|---|---|---|---|"]
     lines += gated_delta_rows(args.repeats)
+    lines += titans_rows(args.repeats)
     emit(lines, args.output)
 
 
