@@ -62,6 +62,8 @@ def _load(op: str) -> Callable | None:
 
 
 def _log_once(op: str, choice: str) -> None:
+    if torch.compiler.is_compiling():  # a logger call would break the compiled graph
+        return
     if (op, choice) not in _logged:
         _logged.add((op, choice))
         logger.info("hf_memory: %s -> %s", op, choice)

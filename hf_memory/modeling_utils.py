@@ -315,6 +315,8 @@ class HFMemoryModel(HFMemoryPreTrainedModel):
                 raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
             if input_ids.shape[1] == 0:
                 raise ValueError("input_ids has no tokens (sequence length 0)")
+            if torch.compiler.is_compiling():  # the range check reads values (a device sync, a graph break)
+                return
             low, high = (int(v) for v in torch.stack(torch.aminmax(input_ids)).tolist())  # one device sync
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
