@@ -171,13 +171,15 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, weights, momentum=None, ch
     # per-chunk views taken once (split): slicing the full tensors inside the loop would make each chunk's backward
     # write a gradient the size of the whole sequence (quadratic in T)
     chunks = zip(*(t.split(chunk_size, dim=2) for t in (q, k, v, theta, eta, alpha)))
+    branch = not torch.compiler.is_compiling()  # looking at ``done`` is a host sync: a compiled graph masks instead
     for n, pieces in enumerate(chunks):
         done = None if lengths is None else lengths >= (n + 1) * chunk_size
-        if done is not None and not done.any():
+        if branch and done is not None and not done.any():
             outputs.append(mlp_forward(weights, pieces[0])[0])
             continue
-        y, weights, momentum = chunk_step(*pieces, weights, momentum, max_grad_norm,
-                                          None if done is None or done.all() else done)
+        if branch and done is not None and done.all():
+            done = None
+        y, weights, momentum = chunk_step(*pieces, weights, momentum, max_grad_norm, done)
         outputs.append(y)
     return torch.cat(outputs, dim=2), weights, momentum
 
