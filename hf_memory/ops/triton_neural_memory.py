@@ -238,6 +238,9 @@ def _unpack(saved, n, d, hidden, depth):
 
 
 class _NeuralMemory(torch.autograd.Function):
+    """Forward: the kernel, keeping the weights and momentum at every chunk start when a gradient is needed.
+    Backward: last chunk first, ``chunk_step`` recomputed from those and differentiated (per-chunk activations only)."""
+
     @staticmethod
     def forward(ctx, q, k, v, theta, eta, alpha, lengths, chunk_size, max_grad_norm, depth, *state):
         weights, momentum = list(state[:depth]), list(state[depth:])
