@@ -155,8 +155,11 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true", help="only the speed rows")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
+    parser.add_argument("--float32-matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision for both sides (Titans' fp32 memory: tf32x3 / tf32)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     global DEVICE
     DEVICE = torch.device(args.device)
     missing = set(hf_memory.ARCHITECTURES) - set(SPEED_MODELS)
@@ -177,8 +180,9 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     if not args.skip_speed:
-        lines += ["", f"bf16, forward + backward at batch {args.batch} x {args.length} tokens ({args.steps} timed steps"
-                  f" after one warm-up); decode: batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens",
+        lines += ["", f"bf16 (fp32 matmuls at {args.float32_matmul_precision!r} precision), forward + backward at batch"
+                  f" {args.batch} x {args.length} tokens ({args.steps} timed steps after one warm-up); decode: batch 1,"
+                  f" {args.prompt}-token prompt, {args.new_tokens} new tokens",
                   "", "| model | parameters | fused + SDPA: tokens/s | peak GiB | decode ms/token "
                   "| reference + eager: tokens/s | peak GiB |", "|---|---|---|---|---|---|---|"]
         for architecture in args.architectures:

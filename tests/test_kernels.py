@@ -383,6 +383,7 @@ NEURAL_MEMORY_CHECK = """
         from hf_memory.ops.triton_neural_memory import neural_memory_fused
         torch.manual_seed(0)
         torch.set_default_device(DEVICE)
+        torch.set_float32_matmul_precision(PRECISION)  # the kernel's: "highest" -> tf32x3, "high" -> tf32
         B, H, T, D, C = 2, 2, 48, 24, 16  # head size 24, hidden 80: padded, and two blocks of hidden units
         cases = [(2, None, 1.0), (1, None, None), (1, [48, 37], 0.05), (2, [48, 37], None), (2, [10, 48], 0.05)]
         for depth, lengths, max_grad_norm in cases:
@@ -408,20 +409,25 @@ NEURAL_MEMORY_CHECK = """
                 results.append([y * real, *w, *s] + [t.grad.clone() for t in leaves])
             for index, (fused, reference) in enumerate(zip(*results)):
                 error = (fused - reference).abs().max().item()
-                assert error <= 1e-5 * max(1.0, reference.abs().max().item()), (depth, lengths, index, error)
+                assert error <= TOLERANCE * max(1.0, reference.abs().max().item()), (depth, lengths, index, error)
         print("ok")
 """
 
 
 @interpreter
 def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_under_the_interpreter():
-    run_python('DEVICE = "cpu"' + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "1"})
+    run_python('DEVICE, PRECISION, TOLERANCE = "cpu", "highest", 1e-5' + textwrap.dedent(NEURAL_MEMORY_CHECK),
+               env_extra={"TRITON_INTERPRET": "1"})
 
 
 @gpu
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_on_cuda():
-    run_python('DEVICE = "cuda"' + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "0"})
+@pytest.mark.parametrize("precision, tolerance", [("highest", 1e-5), ("high", 1e-2)])
+def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_on_cuda(precision, tolerance):
+    """tf32x3 (PyTorch's default "highest") to fp32 rounding; tf32 ("high", 10 mantissa bits on both sides) within
+    1%: a wrong coefficient or a missed commit is off by O(1)."""
+    settings = f'DEVICE, PRECISION, TOLERANCE = "cuda", "{precision}", {tolerance}'
+    run_python(settings + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "0"})
 
 
 def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_sizes_it_covers(monkeypatch):
@@ -453,6 +459,17 @@ def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_siz
     run(chunk_size=128)
     run(use_fused_kernels=False)
     assert calls == [2, 1]
+    run(dim=96, chunk_size=64)  # depth 2 in tf32x3 ("highest"): 64 x 128 padded entries do not fit; in tf32 they do
+    run(dim=64, chunk_size=64)
+    run(dim=96, chunk_size=32)
+    run(depth=1, dim=96, chunk_size=64)
+    assert calls == [2, 1, 2, 2, 1]
+    torch.set_float32_matmul_precision("high")
+    try:
+        run(dim=96, chunk_size=64)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert calls == [2, 1, 2, 2, 1, 2]
 
 
 @gpu
@@ -477,11 +494,13 @@ HOPPER_SHARED_MEMORY = 232448  # bytes a kernel may ask for on an H100 / H200 SM
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("depth", [1, 2])
-def test_triton_neural_memory_fits_a_hopper_sm_at_the_largest_sizes_it_accepts(depth):
-    """Compiled for sm_90 ahead of time (no GPU needed): at head size 128, hidden 256 and chunks of 64 the kernel's
-    shared memory stays under the SM's limit. (An H200 refused 312 KiB at head size 96 before the hidden units went
-    in blocks and the loops to one stage.)"""
+@pytest.mark.parametrize("depth, head_size, chunk, precision", [
+    (1, 128, 64, "tf32x3"), (2, 128, 64, "tf32"), (2, 128, 32, "tf32x3"), (2, 64, 64, "tf32x3")])
+def test_triton_neural_memory_fits_a_hopper_sm_at_the_largest_sizes_it_accepts(depth, head_size, chunk, precision):
+    """Compiled for sm_90 ahead of time (no GPU needed), with the launch's options: at the largest sizes
+    ``fused_fits`` lets through for each depth and precision the kernel's shared memory stays under the SM's limit.
+    (An H200 refused 312 KiB at head size 96 before the hidden units went in blocks and the loops to one stage;
+    tf32x3 at depth 2 with 64 x 128 padded entries asks for 416 KiB, which ``fused_fits`` keeps out.)"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -489,14 +508,21 @@ def test_triton_neural_memory_fits_a_hopper_sm_at_the_largest_sizes_it_accepts(d
     from hf_memory.ops import neural_memory as memory_ops
     from hf_memory.ops import triton_neural_memory as fused
 
-    d, chunk = memory_ops.FUSED_MAX_HEAD_SIZE, max(memory_ops.FUSED_CHUNK_SIZES)
+    torch.set_float32_matmul_precision("highest" if precision == "tf32x3" else "high")
+    try:
+        assert memory_ops.fused_fits(head_size, 2 * head_size, depth, chunk)
+        twice = memory_ops.fused_fits(head_size, 2 * head_size, depth, 2 * chunk)
+        assert depth == 1 or precision == "tf32" or not twice  # the limit of what tf32x3 takes at depth 2
+    finally:
+        torch.set_float32_matmul_precision("highest")
     kernel = fused._linear_memory_kernel if depth == 1 else fused._mlp_memory_kernel
-    constants = dict(D=d, D_PAD=triton.next_power_of_2(d), C=chunk, CLIP=True, SAVE=True)
+    constants = dict(D=head_size, D_PAD=triton.next_power_of_2(head_size), C=chunk, CLIP=True, SAVE=True,
+                     PRECISION=precision)
     if depth == 2:
-        constants.update(DH=2 * d, BH=fused.hidden_block(d, 2 * d))  # blocks: the width does not matter
+        constants.update(DH=2 * head_size, BH=fused.hidden_block(2 * head_size))  # blocks: the width does not matter
     signature = {name: "*i32" if name == "lengths_ptr" else "*fp32" for name in kernel.arg_names
                  if name.endswith("_ptr")}
     signature.update(length="i32", heads="i32", max_grad_norm="fp32", **dict.fromkeys(constants, "constexpr"))
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=fused.LAUNCH)
     assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, compiled.metadata.shared

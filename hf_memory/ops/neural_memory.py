@@ -36,10 +36,27 @@ import torch.nn.functional as F
 
 from hf_memory.kernels import fused_kernel
 
-# what the Triton kernel covers: blocks of [head size, 32 or 64] fp32 weights (depth 1: all of W) and a chunk's
-# [chunk, head size] operands in one program stay under a Hopper SM's 227 KiB of shared memory
+# what the Triton kernel covers: head sizes up to 128 (padded to 16 / 32 / 64 / 128), chunks of 16 to 64 tokens
 FUSED_MAX_HEAD_SIZE = 128
 FUSED_CHUNK_SIZES = (16, 32, 64)
+
+
+def fused_precision() -> str:
+    """The Triton kernel's matmul precision, following ``torch.get_float32_matmul_precision()`` as PyTorch's own
+    fp32 matmuls do: "highest" (PyTorch's default) -> "tf32x3" (three TF32 tensor-core products per product,
+    fp32-level accuracy), "high" or "medium" -> "tf32" (one, 10 mantissa bits, like fla's kernels)."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def fused_fits(head_size: int, hidden_size: int, depth: int, chunk_size: int) -> bool:
+    """Whether the Triton kernel covers this memory: depth 1 or 2, head size 16 to 128, hidden size >= 16, chunks
+    of 16 / 32 / 64, and at depth 2 in "tf32x3" a chunk of at most 4096 padded entries (chunk x padded head size):
+    its operands' split copies would overflow a Hopper SM's 227 KiB of shared memory (a test compiles the largest
+    covered cases for sm_90)."""
+    padded = 1 << (head_size - 1).bit_length()
+    return (depth in (1, 2) and 16 <= head_size <= FUSED_MAX_HEAD_SIZE and hidden_size >= 16
+            and chunk_size in FUSED_CHUNK_SIZES
+            and (depth == 1 or fused_precision() == "tf32" or chunk_size * padded <= 4096))
 
 
 def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor):
@@ -188,10 +205,8 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
                   max_grad_norm: float | None = 1.0, lengths: torch.Tensor | None = None,
                   use_fused_kernels: bool = True):
     """``neural_memory_chunked``, or on CUDA the project's Triton kernel (``hf_memory.ops.triton_neural_memory``:
-    one launch for every chunk) where it applies: memory depth 1 or 2, head size 16 to 128, hidden size
-    >= 16, chunks of 16, 32 or 64 tokens."""
-    fits = (len(weights) <= 2 and 16 <= q.shape[-1] <= FUSED_MAX_HEAD_SIZE and weights[0].shape[-1] >= 16
-            and chunk_size in FUSED_CHUNK_SIZES)
+    one launch for every chunk) where ``fused_fits``."""
+    fits = fused_fits(q.shape[-1], weights[0].shape[-1], len(weights), chunk_size)
     kernel = fused_kernel("neural_memory", q, k, v, use_fused_kernels=use_fused_kernels and fits)
     memory = neural_memory_chunked if kernel is None else kernel
     return memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=chunk_size, max_grad_norm=max_grad_norm,

@@ -9,10 +9,12 @@ One program per (batch row, head) walks the chunks in order; per chunk of C toke
     y = M_old(q) for the chunk's first C - 1 tokens, M_new(q) for its last                 (eq. 15)
 
 with a_1 = k, a_2 = h (depth 1: delta_1 = k W_1 - v). The weights and momentum live in the output buffers (fp32)
-between chunks; at depth 2 the hidden units go in blocks of 32 or 64, so any width fits a program. Head and
-hidden sizes are padded to powers of two with zeros, which the update keeps at zero. A row commits only the
-chunks its real tokens complete (``lengths``); a chunk it does not complete costs one read. Matmuls are IEEE fp32
-(no TF32), so the kernels match the reference to rounding.
+between chunks; at depth 2 the hidden units go in blocks of 32, so any width fits a program. Head and hidden sizes
+are padded to powers of two with zeros, which the update keeps at zero. A row commits only the chunks its real
+tokens complete (``lengths``); a chunk it does not complete costs one read. Matmuls run on tensor cores at the
+precision ``fused_precision`` reads from ``torch.get_float32_matmul_precision()``: "tf32x3" by default (fp32-level
+accuracy), "tf32" when the user allowed TF32. (IEEE fp32 dots, on CUDA cores, spilled ~50 KB of registers per
+thread at head size 96 and ran 2-5x slower than the PyTorch reference on an H200.)
 
 The backward is PyTorch's: the forward keeps the weights and momentum at every chunk start, and the backward
 recomputes each chunk with ``chunk_step`` (last chunk first) and differentiates it, so activations are held one
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from hf_memory.ops.neural_memory import FUSED_CHUNK_SIZES as CHUNK_SIZES
 from hf_memory.ops.neural_memory import FUSED_MAX_HEAD_SIZE as MAX_HEAD_SIZE
-from hf_memory.ops.neural_memory import _in_fp32, chunk_step, mlp_forward
+from hf_memory.ops.neural_memory import _in_fp32, chunk_step, fused_fits, fused_precision, mlp_forward
 
 
 @triton.jit
@@ -57,6 +59,7 @@ def _linear_memory_kernel(
     q_ptr, k_ptr, v_ptr, theta_ptr, eta_ptr, alpha_ptr, lengths_ptr, w_ptr, s_ptr, saved_ptr, y_ptr,
     length, heads, max_grad_norm,
     D: tl.constexpr, D_PAD: tl.constexpr, C: tl.constexpr, CLIP: tl.constexpr, SAVE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Depth 1: M(x) = x W, delta = k W - v; W [D, D] whole in the program."""
     row = tl.program_id(0)  # batch * heads + head
@@ -77,20 +80,20 @@ def _linear_memory_kernel(
             base = saved_ptr + (row * length + start) // C * 2 * D * D
             tl.store(base + matrix, w, mask=inside)
             tl.store(base + D * D + matrix, tl.load(s_ptr + matrix, mask=inside), mask=inside)
-        y = tl.dot(q, w, input_precision="ieee")
+        y = tl.dot(q, w, input_precision=PRECISION)
         if real >= start + C:  # the row completes this chunk: commit it
             k = tl.load(k_ptr + tokens, mask=columns, other=0.0)
-            delta = tl.dot(k, w, input_precision="ieee") - tl.load(v_ptr + tokens, mask=columns, other=0.0)
+            delta = tl.dot(k, w, input_precision=PRECISION) - tl.load(v_ptr + tokens, mask=columns, other=0.0)
             squared = tl.sum(k * k, 1) * tl.sum(delta * delta, 1)
             coefficient, momentum_weight, from_momentum, decay, kept = _chunk_coefficients(
                 theta_ptr, eta_ptr, alpha_ptr, row * length + start + i, squared, max_grad_norm, causal, last, CLIP)
             s = tl.load(s_ptr + matrix, mask=inside, other=0.0)
             w = (decay * w + from_momentum * s
-                 - tl.dot(tl.trans(coefficient[:, None] * k), delta, input_precision="ieee"))
-            s = kept * s - tl.dot(tl.trans(momentum_weight[:, None] * k), delta, input_precision="ieee")
+                 - tl.dot(tl.trans(coefficient[:, None] * k), delta, input_precision=PRECISION))
+            s = kept * s - tl.dot(tl.trans(momentum_weight[:, None] * k), delta, input_precision=PRECISION)
             tl.store(w_ptr + matrix, w, mask=inside)
             tl.store(s_ptr + matrix, s, mask=inside)
-            y = tl.where(last[:, None], tl.dot(q, w, input_precision="ieee"), y)
+            y = tl.where(last[:, None], tl.dot(q, w, input_precision=PRECISION), y)
         tl.debug_barrier()  # the next chunk loads what this one stored
         tl.store(y_ptr + tokens, y, mask=columns)
 
@@ -104,22 +107,22 @@ def _block(d, b, BH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr):
 
 
 @triton.jit
-def _hidden_and_delta1(k, delta2, w1, w2):
+def _hidden_and_delta1(k, delta2, w1, w2, PRECISION: tl.constexpr):
     """For one block of hidden units: h = SiLU(k W_1) and delta_1 = (delta_2 W_2^T) * SiLU'(k W_1)."""
-    z = tl.dot(k, w1, input_precision="ieee")
+    z = tl.dot(k, w1, input_precision=PRECISION)
     sig = tl.sigmoid(z)
-    return z * sig, tl.dot(delta2, tl.trans(w2), input_precision="ieee") * (sig * (1 + z * (1 - sig)))
+    return z * sig, tl.dot(delta2, tl.trans(w2), input_precision=PRECISION) * (sig * (1 + z * (1 - sig)))
 
 
 @triton.jit
 def _mlp_read(x, w1_ptr, w2_ptr, d, D: tl.constexpr, DH: tl.constexpr, BH: tl.constexpr, C: tl.constexpr,
-              D_PAD: tl.constexpr):
+              D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """SiLU(x W_1) W_2 for x [C, D_PAD], the hidden units in blocks of BH."""
     out = tl.zeros([C, D_PAD], dtype=tl.float32)
     for b in range(0, DH, BH):
         first, second, in1, in2 = _block(d, b, BH, D, DH)
-        z = tl.dot(x, tl.load(w1_ptr + first, mask=in1, other=0.0), input_precision="ieee")
-        out += tl.dot(z * tl.sigmoid(z), tl.load(w2_ptr + second, mask=in2, other=0.0), input_precision="ieee")
+        z = tl.dot(x, tl.load(w1_ptr + first, mask=in1, other=0.0), input_precision=PRECISION)
+        out += tl.dot(z * tl.sigmoid(z), tl.load(w2_ptr + second, mask=in2, other=0.0), input_precision=PRECISION)
     return out
 
 
@@ -128,7 +131,7 @@ def _mlp_memory_kernel(
     q_ptr, k_ptr, v_ptr, theta_ptr, eta_ptr, alpha_ptr, lengths_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, saved_ptr,
     y_ptr, length, heads, max_grad_norm,
     D: tl.constexpr, DH: tl.constexpr, D_PAD: tl.constexpr, BH: tl.constexpr, C: tl.constexpr, CLIP: tl.constexpr,
-    SAVE: tl.constexpr,
+    SAVE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Depth 2: M(x) = SiLU(x W_1) W_2, W_1 [D, DH], W_2 [DH, D], the hidden units taken in blocks of BH (so any
     width fits the program): a pass for M(k) and ||h||^2, one for ||delta_1||^2 (clipping), one that updates each
@@ -153,18 +156,18 @@ def _mlp_memory_kernel(
                 tl.store(base + D * DH + first, tl.load(s1_ptr + first, mask=in1), mask=in1)
                 tl.store(base + 2 * D * DH + second, tl.load(w2_ptr + second, mask=in2), mask=in2)
                 tl.store(base + 3 * D * DH + second, tl.load(s2_ptr + second, mask=in2), mask=in2)
-        y = _mlp_read(q, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD)
+        y = _mlp_read(q, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD, PRECISION)
         if real >= start + C:  # the row completes this chunk: commit it
             k = tl.load(k_ptr + tokens, mask=columns, other=0.0)
-            delta2 = _mlp_read(k, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD) - tl.load(v_ptr + tokens, mask=columns,
-                                                                                  other=0.0)
+            delta2 = (_mlp_read(k, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD, PRECISION)
+                      - tl.load(v_ptr + tokens, mask=columns, other=0.0))
             h_squared = tl.zeros([C], dtype=tl.float32)
             d1_squared = tl.zeros([C], dtype=tl.float32)
             if CLIP:  # ||G_j||^2 = ||h_j||^2 ||delta2_j||^2 + ||k_j||^2 ||delta1_j||^2
                 for b in range(0, DH, BH):
                     first, second, in1, in2 = _block(d, b, BH, D, DH)
                     hidden, delta1 = _hidden_and_delta1(k, delta2, tl.load(w1_ptr + first, mask=in1, other=0.0),
-                                                        tl.load(w2_ptr + second, mask=in2, other=0.0))
+                                                        tl.load(w2_ptr + second, mask=in2, other=0.0), PRECISION)
                     h_squared += tl.sum(hidden * hidden, 1)
                     d1_squared += tl.sum(delta1 * delta1, 1)
             squared = h_squared * tl.sum(delta2 * delta2, 1) + tl.sum(k * k, 1) * d1_squared
@@ -177,25 +180,30 @@ def _mlp_memory_kernel(
                 w2 = tl.load(w2_ptr + second, mask=in2, other=0.0)
                 s1 = tl.load(s1_ptr + first, mask=in1, other=0.0)
                 s2 = tl.load(s2_ptr + second, mask=in2, other=0.0)
-                hidden, delta1 = _hidden_and_delta1(k, delta2, w1, w2)
+                hidden, delta1 = _hidden_and_delta1(k, delta2, w1, w2, PRECISION)
                 w1 = (decay * w1 + from_momentum * s1
-                      - tl.dot(tl.trans(coefficient[:, None] * k), delta1, input_precision="ieee"))
-                s1 = kept * s1 - tl.dot(tl.trans(momentum_weight[:, None] * k), delta1, input_precision="ieee")
+                      - tl.dot(tl.trans(coefficient[:, None] * k), delta1, input_precision=PRECISION))
+                s1 = kept * s1 - tl.dot(tl.trans(momentum_weight[:, None] * k), delta1, input_precision=PRECISION)
                 w2 = (decay * w2 + from_momentum * s2
-                      - tl.dot(tl.trans(coefficient[:, None] * hidden), delta2, input_precision="ieee"))
-                s2 = kept * s2 - tl.dot(tl.trans(momentum_weight[:, None] * hidden), delta2, input_precision="ieee")
+                      - tl.dot(tl.trans(coefficient[:, None] * hidden), delta2, input_precision=PRECISION))
+                s2 = kept * s2 - tl.dot(tl.trans(momentum_weight[:, None] * hidden), delta2, input_precision=PRECISION)
                 tl.store(w1_ptr + first, w1, mask=in1)
                 tl.store(s1_ptr + first, s1, mask=in1)
                 tl.store(w2_ptr + second, w2, mask=in2)
                 tl.store(s2_ptr + second, s2, mask=in2)
             tl.debug_barrier()  # the read-out below and the next chunk load what was stored
-            y = tl.where(last[:, None], _mlp_read(q, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD), y)
+            y = tl.where(last[:, None], _mlp_read(q, w1_ptr, w2_ptr, d, D, DH, BH, C, D_PAD, PRECISION), y)
         tl.store(y_ptr + tokens, y, mask=columns)
 
 
-def hidden_block(d: int, hidden: int) -> int:
-    """Hidden units per block at depth 2: 64, or 32 for head sizes above 64 (shared memory)."""
-    return min(64 if d <= 64 else 32, triton.next_power_of_2(hidden))
+# one stage: the loops' loads are not multi-buffered, which keeps shared memory under a Hopper SM's 227 KiB; eight
+# warps share the register load of the [head size, head size] tiles (a third of four warps' spills at head size 96)
+LAUNCH = dict(num_warps=8, num_stages=1)
+
+
+def hidden_block(hidden: int) -> int:
+    """Hidden units per block at depth 2: 32 (16 for narrower memories)."""
+    return min(32, triton.next_power_of_2(hidden))
 
 
 def _launch(q, k, v, theta, eta, alpha, lengths, weights, momentum, chunk_size, max_grad_norm, save):
@@ -211,17 +219,15 @@ def _launch(q, k, v, theta, eta, alpha, lengths, weights, momentum, chunk_size, 
         else torch.empty(1, device=q.device)
     y = torch.empty_like(q)
     d_pad = triton.next_power_of_2(d)
-    # one stage: the loops' loads are not multi-buffered, which keeps shared memory under a Hopper SM's 227 KiB
-    common = dict(D=d, D_PAD=d_pad, C=chunk_size, CLIP=max_grad_norm is not None, SAVE=save, num_warps=4,
-                  num_stages=1)
+    common = dict(D=d, D_PAD=d_pad, C=chunk_size, CLIP=max_grad_norm is not None, SAVE=save,
+                  PRECISION=fused_precision(), **LAUNCH)
     scalars = (length, heads, 0.0 if max_grad_norm is None else float(max_grad_norm))
     if len(weights) == 1:
         _linear_memory_kernel[(batch * heads,)](q, k, v, theta, eta, alpha, lengths, weights[0], momentum[0], saved,
                                                 y, *scalars, **common)
     else:
         _mlp_memory_kernel[(batch * heads,)](q, k, v, theta, eta, alpha, lengths, *weights, *momentum, saved, y,
-                                             *scalars, DH=hidden, BH=hidden_block(d, hidden),
-                                             **common)
+                                             *scalars, DH=hidden, BH=hidden_block(hidden), **common)
     return y, weights, momentum, saved
 
 
@@ -289,12 +295,12 @@ def neural_memory_fused(q, k, v, theta, eta, alpha, weights, momentum=None, chun
     """``hf_memory.ops.neural_memory.neural_memory_chunked`` (same arguments and results) as one Triton launch."""
     q, k, v, theta, eta, alpha, weights, momentum = _in_fp32(q, k, v, theta, eta, alpha, weights, momentum,
                                                              chunk_size)
-    if len(weights) not in (1, 2):
-        raise ValueError(f"the Triton neural-memory kernel covers memory depth 1 and 2, got {len(weights)}")
     sizes = [q.shape[-1], weights[0].shape[-1]]
-    if not 16 <= sizes[0] <= MAX_HEAD_SIZE or sizes[1] < 16 or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"the Triton neural-memory kernel needs a head size in [16, {MAX_HEAD_SIZE}], a hidden size "
-                         f">= 16 and chunks of {CHUNK_SIZES}, got sizes {sizes}, chunk size {chunk_size}")
+    if not fused_fits(*sizes, len(weights), chunk_size):
+        raise ValueError(f"the Triton neural-memory kernel needs memory depth 1 or 2, a head size in [16, "
+                         f"{MAX_HEAD_SIZE}], a hidden size >= 16, chunks of {CHUNK_SIZES} and, at depth 2 in "
+                         f"{fused_precision()!r} precision, chunk x padded head size <= 4096; got depth "
+                         f"{len(weights)}, sizes {sizes}, chunk size {chunk_size}")
     if lengths is None:
         lengths = torch.full((q.shape[0],), q.shape[2], device=q.device)
     y, *state = _NeuralMemory.apply(q, k, v, theta, eta, alpha, lengths, chunk_size, max_grad_norm, len(weights),
