@@ -106,6 +106,19 @@ def time_training(model, batch: int, length: int, steps: int) -> tuple[float, fl
     return batch * length * steps / (time.perf_counter() - start), peak
 
 
+def time_prefill(model, batch: int, length: int, steps: int) -> float:
+    """Forward tokens/s without gradients or cache (prefill / evaluation)."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device=DEVICE)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=ids, use_cache=False)
+        sync()
+    return batch * length * steps / (time.perf_counter() - start)
+
+
 def time_decode(model, prompt: int, new_tokens: int) -> float:
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), device=DEVICE)
     seconds = []
@@ -133,11 +146,12 @@ def speed(name: str, overrides: dict, args) -> list[str]:
         try:
             tokens_per_second, peak = time_training(model, args.batch, args.length, args.steps)
             cells += [f"{tokens_per_second / 1e3:.1f}K", f"{peak:.1f}"]
+            cells.append(f"{time_prefill(model.eval(), args.batch, args.length, args.steps) / 1e3:.1f}K")
             if flag:
-                cells.append(f"{time_decode(model.eval(), args.prompt, args.new_tokens):.1f}")
+                cells.append(f"{time_decode(model, args.prompt, args.new_tokens):.1f}")
         except Exception as error:  # one path failing leaves the other's numbers
             traceback.print_exc()
-            cells += [f"error: {type(error).__name__}", ""] + ([""] if flag else [])
+            cells += [f"error: {type(error).__name__}", "", ""] + ([""] if flag else [])
         del model
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
@@ -182,9 +196,11 @@ def main() -> None:
     if not args.skip_speed:
         lines += ["", f"bf16 (fp32 matmuls at {args.float32_matmul_precision!r} precision), forward + backward at batch"
                   f" {args.batch} x {args.length} tokens ({args.steps} timed steps after one warm-up); decode: batch 1,"
-                  f" {args.prompt}-token prompt, {args.new_tokens} new tokens",
-                  "", "| model | parameters | fused + SDPA: tokens/s | peak GiB | decode ms/token "
-                  "| reference + eager: tokens/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+                  f" {args.prompt}-token prompt, {args.new_tokens} new tokens; prefill: the same batch, no gradient",
+                  "", "| model | parameters | fused + SDPA: train tokens/s | peak GiB | prefill tokens/s "
+                  "| decode ms/token "
+                  "| reference + eager: train tokens/s | peak GiB | prefill tokens/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for architecture in args.architectures:
             for name, overrides in SPEED_MODELS[architecture]:
                 label = f"{name} cut to {overrides.get('num_hidden_layers', 'all')} layers"

@@ -387,6 +387,8 @@ NEURAL_MEMORY_CHECK = """
         B, H, T, D, C = 2, 2, 48, 24, 16  # head size 24, hidden 80: padded, and two blocks of hidden units
         cases = [(2, None, 1.0), (1, None, None), (1, [48, 37], 0.05), (2, [48, 37], None), (2, [10, 48], 0.05)]
         for depth, lengths, max_grad_norm in cases:
+            if PRECISION == "high" and max_grad_norm is None:
+                continue  # unclipped steps of 0.5 amplify TF32 rounding chaotically (off by 128 on an H200)
             hidden = 80 if depth == 2 else D
             q, k = (F.normalize(torch.randn(B, H, T, D), dim=-1) for _ in range(2))
             v = torch.randn(B, H, T, D)
@@ -425,7 +427,7 @@ def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward
 @pytest.mark.parametrize("precision, tolerance", [("highest", 1e-5), ("high", 1e-2)])
 def test_triton_neural_memory_matches_the_chunked_reference_forward_and_backward_on_cuda(precision, tolerance):
     """tf32x3 (PyTorch's default "highest") to fp32 rounding; tf32 ("high", 10 mantissa bits on both sides) within
-    1%: a wrong coefficient or a missed commit is off by O(1)."""
+    1% on the clipped cases (the model's default): a wrong coefficient or a missed commit is off by O(1)."""
     settings = f'DEVICE, PRECISION, TOLERANCE = "cuda", "{precision}", {tolerance}'
     run_python(settings + textwrap.dedent(NEURAL_MEMORY_CHECK), env_extra={"TRITON_INTERPRET": "0"})
 
@@ -439,8 +441,8 @@ def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_siz
                             *args, **kwargs))
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
 
-    def run(depth=2, dim=16, chunk_size=16, **kwargs):
-        q = torch.randn(1, 2, 128, dim)
+    def run(depth=2, dim=16, chunk_size=16, requires_grad=False, **kwargs):
+        q = torch.randn(1, 2, 128, dim, requires_grad=requires_grad)
         gates = [torch.rand(1, 2, 128) * 0.5 for _ in range(3)]
         sizes = [dim] + [2 * dim] * (depth - 1) + [dim]
         weights = [torch.randn(1, 2, a, b) for a, b in zip(sizes, sizes[1:])]
@@ -459,6 +461,11 @@ def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_siz
     run(chunk_size=128)
     run(use_fused_kernels=False)
     assert calls == [2, 1]
+    run(requires_grad=True)  # training: the reference (the kernel's backward is PyTorch's recomputation)
+    with torch.no_grad():
+        run(requires_grad=True)
+    assert calls == [2, 1, 2]
+    calls.pop()
     run(dim=96, chunk_size=64)  # depth 2 in tf32x3 ("highest"): 64 x 128 padded entries do not fit; in tf32 they do
     run(dim=64, chunk_size=64)
     run(dim=96, chunk_size=32)
@@ -475,19 +482,22 @@ def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_siz
 @gpu
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
-def test_titans_on_cuda_gives_the_same_logits_and_gradients_with_and_without_the_triton_memory(variant):
+def test_titans_on_cuda_gives_the_same_logits_with_and_without_the_triton_memory(variant, monkeypatch):
+    """Without gradients (where the dispatch picks the kernel: it ran, and the logits match); training takes the
+    reference, and the kernel's own backward is checked against it above."""
     overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)  # the kernel's smallest chunk
-    models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).cuda().train() for flag in (True, False)]
+    models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).cuda().eval()
+              for flag in (True, False)]
     ids = random_ids(models[0].config, 2, 70).cuda()
     mask = torch.ones_like(ids)
     mask[0, :9] = 0  # rows out of step: row 0 closes its chunks 9 tokens later
-    results = []
-    for model in models:
-        output = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        output.loss.backward()
-        results.append([output.logits[mask.bool()]] + [p.grad for p in model.parameters()])
-    for fused, reference in zip(*results):
-        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    kernel, calls = kernels._load("neural_memory"), []
+    monkeypatch.setitem(kernels._loaded, "neural_memory",
+                        lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    with torch.no_grad():
+        logits = [model(ids, attention_mask=mask).logits[mask.bool()] for model in models]
+    assert calls
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
 
 
 HOPPER_SHARED_MEMORY = 232448  # bytes a kernel may ask for on an H100 / H200 SM (the limit Triton reports there)
