@@ -10,6 +10,14 @@ Rows so far (issue 12 adds the others as they are measured):
     64, chunks of 64), and the forward's share of this CPU's single-thread fp32 matmul rate (the FLOPs of the
     chunked form's matmuls and triangular solves over the time of one 1024 x 1024 x 1024 matmul's rate).
   * Titans memory layer vs ``titans-pytorch``'s NeuralMemory computing the same function (forward).
+  * Jamba-style hybrid vs transformers' ``JambaForCausalLM`` holding the same weights (``jamba_speed.py``'s tiny
+    and small sizes), on its default path and with ``use_mambapy=True`` (mambapy's parallel scan; that row says so
+    when mambapy is not installed and transformers falls back to its loop): a training step (forward + backward,
+    4 x 256 tokens) and a decode step (batch 4 after 128 tokens).
+  * Prefill (1 x 1024 tokens) and decode (after 1024 tokens) of the tiny presets of Jamba, Gated DeltaNet and
+    Infini-attention vs a Llama of the same width, depth, heads, FFN and vocabulary.
+
+    python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba llama
 """
 
 from __future__ import annotations
@@ -131,18 +139,102 @@ def titans_rows(repeats: int) -> list[str]:
     return [line]
 
 
+# -------------------------------------------------------------------------------------------------- Jamba
+def training_step(model, ids: torch.Tensor) -> Callable[[], None]:
+    model.train()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    return run
+
+
+def decode_step(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    """A call: ``new_tokens`` greedy decode steps from a cache filled with ``prompt`` once, up front (a fresh
+    prefill per call would time the prompt too); each call continues the same cache, a few tokens longer."""
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+    state = {"cache": out.cache, "token": out.logits[:, -1:].argmax(-1)}
+
+    @torch.no_grad()
+    def run():
+        for _ in range(new_tokens):
+            out = model(input_ids=state["token"], cache=state["cache"], use_cache=True)
+            state["cache"], state["token"] = out.cache, out.logits[:, -1:].argmax(-1)
+    return run
+
+
+def jamba_rows(repeats: int) -> list[str]:
+    from importlib.util import find_spec
+
+    from jamba_speed import SIZES, build_pair
+    from transformers import JambaConfig, JambaForCausalLM
+
+    scan = "mambapy's pscan" if find_spec("mambapy") else "mambapy NOT installed: transformers' loop"
+    lines = []
+    for size in ("tiny", "small"):
+        theirs, ours, error = build_pair(size, torch.device("cpu"))
+        mambapy = JambaForCausalLM(JambaConfig(**SIZES[size], attn_implementation="sdpa", use_mambapy=True))
+        mambapy.load_state_dict(theirs.state_dict())
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, theirs.config.vocab_size, (4, 256), generator=generator)
+        for name, peer in (("default", theirs), (f"use_mambapy=True, {scan}", mambapy)):
+            train = interleaved(training_step(ours, ids), training_step(peer, ids), repeats)
+            decode = interleaved(decode_step(ours, ids[:, :128], 8), decode_step(peer, ids[:, :128], 8), repeats)
+            lines += [f"| Jamba {size} vs transformers' Jamba ({name}): training step, 4 x 256 tokens | "
+                      f"{cells(*train)} | same weights: logits differ by {error:.1e} |",
+                      f"| Jamba {size} vs transformers' Jamba ({name}): 8 decode steps, batch 4 after 128 | "
+                      f"{cells(*decode)} | |"]
+            print(*lines[-2:], sep="\n", flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- vs Llama
+def llama_rows(repeats: int) -> list[str]:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import hf_memory
+
+    lines = []
+    for preset in ("jamba-tiny", "gated-deltanet-tiny", "infini-attention-tiny"):
+        config = hf_memory.get_config(preset)
+        torch.manual_seed(0)
+        ours = AutoModelForCausalLM.from_config(config).eval()
+        llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads, max_position_embeddings=4096,
+            attn_implementation="sdpa")).eval()
+        ids = torch.randint(3, config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            prefill = interleaved(lambda: ours(input_ids=ids, use_cache=False),
+                                  lambda: llama(input_ids=ids, use_cache=False), repeats)
+        decode = interleaved(decode_step(ours, ids, 16), decode_step(llama, ids, 16), repeats)
+        sizes = " vs ".join(f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}K" for m in (ours, llama))
+        lines += [f"| {preset} vs a same-size Llama: prefill, 1 x 1024 tokens | {cells(*prefill)} | "
+                  f"{sizes} parameters |",
+                  f"| {preset} vs a same-size Llama: 16 decode steps after 1024 tokens | {cells(*decode)} | |"]
+        print(*lines[-2:], sep="\n", flush=True)
+    return lines
+
+
+ROWS = {"gated_delta": gated_delta_rows, "titans": titans_rows, "jamba": jamba_rows, "llama": llama_rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = [f"Peer ratios on CPU, {args.threads} thread(s), torch {torch.__version__}: median (min–max) ms of "
              f"{args.repeats} interleaved repeats after a warm-up; ratio = peer / hf-memory (> 1: hf-memory faster)",
              "", "| comparison | hf-memory ms | peer ms | ratio | note |", "|---|---|---|---|---|"]
-    lines += gated_delta_rows(args.repeats)
-    lines += titans_rows(args.repeats)
+    for name in args.rows:
+        lines += ROWS[name](args.repeats)
     emit(lines, args.output)
 
 

@@ -32,7 +32,7 @@ def _scan_inputs(batch=2, channels=24, state=6, length=45, seed=0):
     return u, delta, A, B, C, D, h0
 
 
-@pytest.mark.parametrize("length", [1, 7, 64, 100])
+@pytest.mark.parametrize("length", [1, 7, 64, 100, 600])  # 600: three blocks of states without gradients
 def test_stepwise_scan_equals_the_sequential_definition_and_single_steps(length):
     u, delta, A, B, C, D, h0 = _scan_inputs(length=length)
     y_seq, s_seq = selective_scan_sequential(u, delta, A, B, C, D, h0)

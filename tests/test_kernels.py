@@ -212,6 +212,22 @@ def test_causal_conv1d_kernel_matches_reference_forward_and_backward():
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3, 16, 17])  # 17: past the direct path, conv1d again
+@pytest.mark.parametrize("history_length", [0, 2, 3, 6])
+def test_short_conv_after_a_history_equals_the_conv_over_history_and_input(new_tokens, history_length):
+    """Decode's direct windows x weights path (and conv1d beyond it) = the definition over the concatenation, with
+    gradients; histories shorter than the kernel see zeros before the start."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, new_tokens, requires_grad=True)
+    history, weight, bias = torch.randn(2, 24, history_length), torch.randn(24, 4, requires_grad=True), torch.randn(24)
+    y = short_conv.short_conv(x, weight, bias, "silu", history=history)
+    reference = short_conv.causal_conv1d_reference(torch.cat([history, x], -1), weight, bias, "silu")[..., -new_tokens:]
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), (x, weight))
+    for got, want in zip(grads, torch.autograd.grad(reference.square().sum(), (x, weight))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @gpu
 def test_model_on_cuda_gives_the_same_logits_with_and_without_kernels(preset):
     fused, reference = (build(preset, use_fused_kernels=flag).cuda() for flag in (True, False))
