@@ -94,3 +94,23 @@ def test_passkey_task_puts_the_needle_in_an_earlier_segment_and_asks_at_the_end(
     assert torch.equal(position // spec.segment_size, batch["needle_segment"])
     assert (batch["needle_segment"] < spec.num_segments - 1).all()
     assert ((batch["labels"] != -100).sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_prefill_of_all_segments_at_once_equals_token_by_token_decode(rule):
+    """The prefill batches the segments' attention and reads (linear: the memories as a cumulative sum); the
+    decode path steps one token at a time through the cached segment: same logits, left padding included."""
+    model = _with_open_gates(build("infini-attention-tiny", memory_update=rule))
+    ids = random_ids(model.config, 2, 29)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, ids.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    stepped = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-5)

@@ -60,11 +60,16 @@ def read_memory(q: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, eps: 
     return retrieve(q, memory, norm, eps) if kernel is None else kernel(q, memory, norm, eps)
 
 
+def write_kernel(k: torch.Tensor, v: torch.Tensor, use_fused_kernels: bool = True):
+    """The project's fused Triton write for these keys and values (CUDA, kernel dims), or None."""
+    enabled = use_fused_kernels and _kernel_dims(k.shape[-1], v.shape[-1])
+    return fused_kernel("compressive_memory_write", k, v, use_fused_kernels=enabled)
+
+
 def write_memory(memory, norm, k, v, keep=None, rule: str = "linear", eps: float = 1e-6,
                  *, use_fused_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4 / 5, dispatched: the project's fused Triton write on CUDA, else ``update``."""
-    enabled = use_fused_kernels and _kernel_dims(k.shape[-1], v.shape[-1])
-    kernel = fused_kernel("compressive_memory_write", k, v, memory, use_fused_kernels=enabled)
+    kernel = write_kernel(k, v, use_fused_kernels)
     if kernel is None:
         return update(memory, norm, k, v, keep, rule, eps)
     return kernel(memory, norm, k, v, keep, rule, eps)
@@ -88,6 +93,32 @@ def update(
     if rule == "delta":
         values = values - (sk @ memory) / (sk @ norm[..., None] + eps)
     return memory + sk.transpose(-1, -2) @ values, norm + sk.sum(-2)
+
+
+def memories_before_segments(k: torch.Tensor, v: torch.Tensor, complete: torch.Tensor, segment_size: int,
+                             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_{s-1}, z_{s-1}) before each segment s under the delta rule (eq. 5), [B, S, H_kv, d_k, d_v] and
+    [B, S, H_kv, d_k], from k [B, H_kv, S n, d_k], v [B, H_kv, S n, d_v] and ``complete`` [B, S] (a segment
+    not complete writes nothing). ``update`` with M and z kept as one [d_k, d_v + 1] matrix [M | z]: a segment
+    reads sigma(K) [M | z] in one product and writes sigma(K)^T [V - A_mem | 1] in one more."""
+    batch, heads, length, d_k = k.shape
+    segments, d_v = length // segment_size, v.shape[-1]
+
+    def per_segment(x):  # [B, H_kv, S n, d] -> [S, B H_kv, n, d]
+        x = x.unflatten(2, (segments, segment_size)).permute(2, 0, 1, 3, 4)
+        return x.reshape(segments, batch * heads, segment_size, x.shape[-1])
+
+    sk = per_segment(sigma(k) * complete.repeat_interleave(segment_size, dim=1)[:, None, :, None])
+    v1 = per_segment(torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1))
+    state = k.new_zeros(batch * heads, d_k, d_v + 1, dtype=torch.float32)  # [M | z]
+    states = []
+    for sk_s, v1_s in zip(sk.unbind(0), v1.unbind(0)):
+        states.append(state)
+        read = torch.bmm(sk_s, state)
+        retrieved = F.pad(read[..., :d_v] / (read[..., d_v:] + eps), (0, 1))
+        state = torch.baddbmm(state, sk_s.transpose(1, 2), v1_s - retrieved)
+    states = torch.stack(states).unflatten(1, (batch, heads)).transpose(0, 1)  # [B, S, H_kv, d_k, d_v + 1]
+    return states[..., :d_v], states[..., d_v]
 
 
 def segmented_memory(

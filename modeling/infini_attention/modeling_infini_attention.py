@@ -24,7 +24,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hf_memory.cache import SegmentCacheLayer, segment_state, store_segment_state
 from hf_memory.layers.attention import apply_rotary, eager_attention
 from hf_memory.modeling_utils import HFMemoryForCausalLM, HFMemoryModel, HFMemoryPreTrainedModel, MemoryDecoderLayer
-from hf_memory.ops.compressive_memory import empty_memory, read_memory, write_memory
+from hf_memory.ops.compressive_memory import (
+    empty_memory,
+    memories_before_segments,
+    read_memory,
+    sigma,
+    write_kernel,
+    write_memory,
+)
 from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment
 
 from .configuration_infini_attention import InfiniAttentionConfig
@@ -102,31 +109,60 @@ class InfiniAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), weights
 
     def _prefill(self, q, k, v, keep, position_embeddings, cache):
-        """A whole sequence from an empty memory, segment by segment over each row's real tokens."""
+        """A whole sequence from an empty memory over each row's real tokens: the segments' local attention in one
+        call (segments folded into the batch), the memory written segment by segment (eq. 5 needs M_{s-1}; eq. 4
+        is an exclusive cumulative sum), then every segment's read of the memory before it in one call."""
         n, real, order = self.segment_size, keep.sum(1), real_first(keep)
         cos, sin = (to_segments(x.expand(len(keep), -1, -1)[:, None], order, n)[:, 0] for x in position_embeddings)
         q_raw, k_raw, v = to_segments(q, order, n), to_segments(k, order, n), to_segments(v, order, n)
         q_rot, k_rot = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
+        batch, segments = q.shape[0], q_raw.shape[2] // n
 
-        memory, norm = empty_memory(k_raw, v)
-        outputs, maps = [], []
+        def fold(x):  # [B, H, S n, d] -> [B S, H, n, d]
+            return x.unflatten(2, (segments, n)).transpose(1, 2).flatten(0, 1)
+
+        def unfold(x):  # the inverse
+            return x.unflatten(0, (batch, segments)).transpose(1, 2).flatten(2, 3)
+
+        starts = torch.arange(0, segments * n, n, device=q.device)
+        valid = (starts[:, None] + torch.arange(n, device=q.device))[None] < real[:, None, None]  # [B, S, n]
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        for index, start in enumerate(range(0, q_raw.shape[2], n)):
-            segment = slice(start, start + n)
-            valid = torch.arange(start, start + n, device=q.device)[None, :] < real[:, None]  # [B, n]
-            allowed = (causal & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)
-            local, weights = self._local(q_rot[:, :, segment], k_rot[:, :, segment], v[:, :, segment], allowed[:, None])
-            outputs.append(self._mix(local, q_raw[:, :, segment], memory, norm))
-            maps.append(weights)
-            complete = (real >= start + n)[:, None].expand(-1, n)  # a row's segment is written once it is full
-            memory, norm = self._write(memory, norm, k_raw[:, :, segment], v[:, :, segment], complete)
-            if self.detach_every and (index + 1) % self.detach_every == 0:
-                memory, norm = memory.detach(), norm.detach()
+        allowed = (causal & valid[..., None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)  # [B, S, n, n]
+        local, weights = self._local(fold(q_rot), fold(k_rot), fold(v), allowed.flatten(0, 1)[:, None])
+
+        complete = real[:, None] >= starts + n  # [B, S]: a row's segment is written once it is full
+        memories, norms = self._memories(k_raw, v, complete, segments)
+        out = self._mix(local, fold(q_raw), memories.flatten(0, 1), norms.flatten(0, 1))
+        memory, norm = memories[:, -1], norms[:, -1]  # before the last segment: write it too
+        memory, norm = self._write(memory, norm, k_raw[:, :, -n:], v[:, :, -n:], complete[:, -1:].expand(-1, n))
         store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=unfinished_segment(k_rot, real, n),
                             raw_keys=unfinished_segment(k_raw, real, n), values=unfinished_segment(v, real, n),
                             count=real % n, processed=keep.shape[1])
-        weights = None if maps[0] is None else from_segments(torch.cat(maps, dim=2), order)
-        return from_segments(torch.cat(outputs, dim=2), order), weights
+        weights = None if weights is None else from_segments(unfold(weights), order)
+        return from_segments(unfold(out), order), weights
+
+    def _memories(self, k, v, complete, segments):
+        """(M_{s-1}, z_{s-1}) before each segment s, [B, S, H_kv, d_k, d_v] and [B, S, H_kv, d_k]."""
+        n = self.segment_size
+        memory, norm = empty_memory(k, v)
+        if self.update_rule == "linear" and not self.detach_every:  # eq. 4: sums of every earlier segment
+            sk = sigma(k).unflatten(2, (segments, n)) * complete[:, None, :, None, None]
+            writes = sk.transpose(-1, -2) @ v.float().unflatten(2, (segments, n))  # [B, H_kv, S, d_k, d_v]
+            memories = torch.cumsum(writes, dim=2) - writes
+            norms = torch.cumsum(sk.sum(-2), dim=2) - sk.sum(-2)
+            return memories.transpose(1, 2), norms.transpose(1, 2)
+        if not self.detach_every and write_kernel(k, v, self.config.use_fused_kernels) is None:
+            return memories_before_segments(k, v, complete, n, self.eps)  # eq. 5 in one tensor: fewer calls
+        memories, norms = [], []
+        for index in range(segments - 1):
+            memories.append(memory)
+            norms.append(norm)
+            segment = slice(index * n, (index + 1) * n)
+            memory, norm = self._write(memory, norm, k[:, :, segment], v[:, :, segment],
+                                       complete[:, index, None].expand(-1, n))
+            if self.detach_every and (index + 1) % self.detach_every == 0:
+                memory, norm = memory.detach(), norm.detach()
+        return torch.stack(memories + [memory], dim=1), torch.stack(norms + [norm], dim=1)
 
     def _continue(self, q, k, v, keep, position_embeddings, cache):
         """New tokens after a cached prefix, one at a time: append to the row's segment, attend over it, read
