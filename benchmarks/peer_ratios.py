@@ -14,10 +14,11 @@ Rows so far (issue 12 adds the others as they are measured):
     and small sizes), on its default path and with ``use_mambapy=True`` (mambapy's parallel scan; that row says so
     when mambapy is not installed and transformers falls back to its loop): a training step (forward + backward,
     4 x 256 tokens) and a decode step (batch 4 after 128 tokens).
+  * Infini-attention vs ``infini-transformer-pytorch`` (forward, 8K tokens), and segments of 8 vs 512.
   * Prefill (1 x 1024 tokens) and decode (after 1024 tokens) of the tiny presets of Jamba, Gated DeltaNet and
     Infini-attention vs a Llama of the same width, depth, heads, FFN and vocabulary.
 
-    python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba llama
+    python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba infini llama
 """
 
 from __future__ import annotations
@@ -190,6 +191,54 @@ def jamba_rows(repeats: int) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------- Infini-attention
+def infini_rows(repeats: int) -> list[str]:
+    """Forward (no gradient) over 1 x 8192 tokens: hf-memory's Infini-attention vs ``infini-transformer-pytorch``
+    (its model fed segment by segment with its memories, as its wrapper does) at width 128, 2 layers, 4 heads of
+    32, segments of 512, linear memory (its default); our FFN is SwiGLU of 344 (its GELU of 4 x 128 has the same
+    parameters). Then our segment 8 vs segment 512 on the same model (the per-token cost of short segments)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_memory
+
+    def ours_with(segment_size):
+        config = hf_memory.get_config("infini-attention-tiny", hidden_size=128, intermediate_size=344,
+                                      num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                                      segment_size=segment_size, memory_update="linear", vocab_size=256,
+                                      max_position_embeddings=8192)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    ids = torch.randint(3, 256, (1, 8192), generator=torch.Generator().manual_seed(0))
+    ours, short = ours_with(512), ours_with(8)
+    lines = []
+    try:
+        from infini_transformer_pytorch import InfiniTransformer
+    except ImportError:
+        lines.append("| Infini-attention vs infini-transformer-pytorch | not measured: not installed | | | |")
+    else:
+        torch.manual_seed(0)
+        peer = InfiniTransformer(num_tokens=256, dim=128, depth=2, dim_head=32, heads=4).eval()
+
+        def theirs():
+            memories = None
+            for segment in ids.split(512, dim=-1):
+                memories = peer(segment, past_memories=memories, return_new_memories=True).past_memories
+
+        with torch.no_grad():
+            times = interleaved(lambda: ours(input_ids=ids, use_cache=False), theirs, repeats)
+        sizes = " vs ".join(f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}K" for m in (ours, peer))
+        lines.append(f"| Infini-attention forward, 1 x 8192 tokens, segments of 512, vs infini-transformer-pytorch | "
+                     f"{cells(*times)} | {sizes} parameters |")
+    with torch.no_grad():
+        times = interleaved(lambda: ours(input_ids=ids, use_cache=False), lambda: short(input_ids=ids, use_cache=False),
+                            repeats)
+    lines.append(f"| Infini-attention forward, 1 x 8192 tokens: segments of 512 (A) vs segments of 8 (B) | "
+                 f"{cells(*times)} | target: B within 1.5x of A |")
+    print(*lines, sep="\n", flush=True)
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- vs Llama
 def llama_rows(repeats: int) -> list[str]:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -219,7 +268,8 @@ def llama_rows(repeats: int) -> list[str]:
     return lines
 
 
-ROWS = {"gated_delta": gated_delta_rows, "titans": titans_rows, "jamba": jamba_rows, "llama": llama_rows}
+ROWS = {"gated_delta": gated_delta_rows, "titans": titans_rows, "jamba": jamba_rows, "infini": infini_rows,
+        "llama": llama_rows}
 
 
 def main() -> None:

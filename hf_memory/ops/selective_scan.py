@@ -40,7 +40,7 @@ def selective_scan_sequential(
     for t in range(u.shape[-1]):
         decay = torch.exp(delta_[:, :, t, None] * A_)  # exp(Delta_t A)
         state = decay * state + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
-        outputs.append(torch.einsum("bdn,bn->bd", state, C_[:, :, t]))  # C_t^T h_t
+        outputs.append((state @ C_[:, :, t, None])[..., 0])  # C_t^T h_t
     y = torch.stack(outputs, dim=-1) if outputs else u_.new_zeros(u_.shape)
     if D is not None:
         y = y + D.float()[None, :, None] * u_
