@@ -223,8 +223,9 @@ class HymbaMixer(nn.Module):
 
     def shared_mask(self, kind, build, positions, key_positions, shared):
         """``build(positions, key_positions, window, num_meta)``, made once per forward for all layers with this
-        window: they hold the same key positions (checked here, not assumed), so later layers reuse it."""
-        if shared is None:  # the mixer called on its own
+        window: they hold the same key positions (checked here, not assumed), so later layers reuse it. Under
+        torch.compile each layer builds its own (the check is a host sync; the compiler shares equal work)."""
+        if shared is None or torch.compiler.is_compiling():  # the mixer on its own, or traced
             return build(positions, key_positions, self.window, self.num_meta)
         key = ("mask", kind, self.window)
         if key in shared:
