@@ -68,6 +68,8 @@ def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tens
     if attention_mask is None or attention_mask.dim() != 2:
         return None
     mask = attention_mask[:, -length:]
+    if torch.compiler.is_compiling():  # no host sync in a traced forward: the mask, even when all ones
+        return mask
     return None if bool(mask.all()) else mask
 
 

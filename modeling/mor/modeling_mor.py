@@ -313,15 +313,19 @@ class MoRModel(MoRPreTrainedModel, HFMemoryModel):
         (rows, order [B', k], valid [B', k]; all None when every token is selected) with the block's input and
         output there, or None if no token."""
         counts = selected.sum(1)
-        if not bool((counts > 0).any()):
-            if states is not None:  # the block's layers leave every state as it is
-                states.extend([hidden] * (self.config.block_size - 1))
-            return None
-        if bool(selected.all()):  # every token: nothing to gather
-            return self._run_block(recursion, hidden, rope, stream_index, (None, None, None), recursion_pass, states)
-        rows = None if bool((counts > 0).all()) else torch.nonzero(counts > 0).squeeze(1)
+        if torch.compiler.is_compiling():  # traced: every row, every slot (no host sync); invalid slots are masked
+            rows, size = None, selected.shape[1]
+        else:
+            if not bool((counts > 0).any()):
+                if states is not None:  # the block's layers leave every state as it is
+                    states.extend([hidden] * (self.config.block_size - 1))
+                return None
+            if bool(selected.all()):  # every token: nothing to gather
+                return self._run_block(recursion, hidden, rope, stream_index, (None, None, None), recursion_pass,
+                                       states)
+            rows = None if bool((counts > 0).all()) else torch.nonzero(counts > 0).squeeze(1)
+            size = int(counts.max())
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        size = int(counts.max())
         order = torch.argsort((~pick(selected)).to(torch.int8), dim=1, stable=True)[:, :size]
         valid = torch.arange(size, device=order.device)[None] < pick(counts)[:, None]
         query_index = torch.where(valid, pick(stream_index).gather(1, order), -1)

@@ -406,7 +406,8 @@ class MemoryAsContext(nn.Module):
             # queries only for the segment's new tokens: slots [lo, lo + fresh) of each row (decoding: one)
             lo = (count - n * c).clamp(min=0)
             fresh = (torch.minimum(total, torch.full_like(total, (n + 1) * c)) - n * c - lo).clamp(min=0)
-            width = max(int(fresh.max()), 1)
+            # queries: as many as the row with the most new tokens (traced: the whole segment, no host sync)
+            width = c if torch.compiler.is_compiling() else max(int(fresh.max()), 1)
             picks = (lo[:, None] + torch.arange(width, device=keep.device)).clamp(max=c - 1)  # [B, w]
             live = torch.arange(width, device=keep.device)[None] < fresh[:, None]
             into = torch.where(live, picks, c)  # where each query's keys go in the segment; c: dropped
