@@ -4,7 +4,7 @@ in one process, one thread (``--threads``), a warm-up call each, then the median
 
     python benchmarks/peer_ratios.py --output benchmarks/results/peer_ratios.md
 
-Rows so far (issue 12 adds the others as they are measured):
+Rows:
   * Gated DeltaNet operator, ``gated_delta_rule_chunked`` vs transformers' ``torch_chunk_gated_delta_rule``
     (Qwen3-Next) on the same inputs: forward and forward + backward at 2K and 8K tokens (1 batch row, 4 heads of
     64, chunks of 64), and the forward's share of this CPU's single-thread fp32 matmul rate (the FLOPs of the
@@ -17,8 +17,9 @@ Rows so far (issue 12 adds the others as they are measured):
   * Infini-attention vs ``infini-transformer-pytorch`` (forward, 8K tokens), and segments of 8 vs 512.
   * Prefill (1 x 1024 tokens) and decode (after 1024 tokens) of the tiny presets of Jamba, Gated DeltaNet and
     Infini-attention vs a Llama of the same width, depth, heads, FFN and vocabulary.
+  * Prefill of the GDN and Infini-attention tiny presets, eager vs ``torch.compile`` (inductor).
 
-    python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba infini llama
+    python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba infini llama compiled
 """
 
 from __future__ import annotations
@@ -268,8 +269,36 @@ def llama_rows(repeats: int) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- compiled
+def compiled_rows(repeats: int) -> list[str]:
+    """Prefill (1 x 1024 tokens, no gradient) of tiny presets, eager (A) vs ``torch.compile`` with inductor (B),
+    after the compile (its time in the note; the presets' forwards trace into one graph: tests/test_compile.py)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_memory
+
+    lines = []
+    for preset in ("gated-deltanet-tiny", "infini-attention-tiny"):
+        config = hf_memory.get_config(preset)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        compiled = torch.compile(model)
+        ids = torch.randint(3, config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            start = time.perf_counter()
+            difference = (compiled(input_ids=ids, use_cache=False).logits
+                          - model(input_ids=ids, use_cache=False).logits).abs().max().item()
+            seconds = time.perf_counter() - start
+            times = interleaved(lambda: model(input_ids=ids, use_cache=False),
+                                lambda: compiled(input_ids=ids, use_cache=False), repeats)
+        lines.append(f"| {preset} prefill, 1 x 1024 tokens: eager (A) vs torch.compile, inductor (B) | "
+                     f"{cells(*times)} | compile {seconds:.0f} s; logits differ by {difference:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 ROWS = {"gated_delta": gated_delta_rows, "titans": titans_rows, "jamba": jamba_rows, "infini": infini_rows,
-        "llama": llama_rows}
+        "llama": llama_rows, "compiled": compiled_rows}
 
 
 def main() -> None:
