@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -514,6 +515,31 @@ def test_titans_on_cuda_gives_the_same_logits_with_and_without_the_triton_memory
         logits = [model(ids, attention_mask=mask).logits[mask.bool()] for model in models]
     assert calls
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+@interpreter
+def test_titans_with_the_triton_memory_under_the_interpreter_runs_it_and_gives_the_same_logits():
+    """The CUDA test above on CPU: the dispatch told it is on CUDA, the kernel run by triton's interpreter."""
+    run_python(textwrap.dedent("""
+        import torch
+        from conftest import build, random_ids
+        from hf_memory import kernels
+        kernels.on_cuda = lambda *tensors: True
+        kernel, calls = kernels._load("neural_memory"), []
+        kernels._loaded["neural_memory"] = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+        for variant in ("mac", "mag", "mal"):
+            overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)
+            models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).eval() for flag in (1, 0)]
+            ids = random_ids(models[0].config, 2, 70)
+            mask = torch.ones_like(ids)
+            mask[0, :9] = 0
+            calls.clear()
+            with torch.no_grad():
+                logits = [model(ids, attention_mask=mask).logits[mask.bool()] for model in models]
+            assert calls, variant
+            torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+        print("ok")
+    """), env_extra={"TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)})
 
 
 HOPPER_SHARED_MEMORY = 232448  # bytes a kernel may ask for on an H100 / H200 SM (the limit Triton reports there)
