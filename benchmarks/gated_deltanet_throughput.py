@@ -123,6 +123,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         tokens_per_second, peak = time_training(model, args.batch, args.length, args.steps, device)
         rows.append(f"| {name} | {tokens_per_second:,.0f} | {peak:.2f} | {params / 1e6:.1f}M |")
+        print(rows[-1], flush=True)  # a run cut off by a time limit keeps the rows it measured
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -6,7 +6,8 @@
 #   hf-memory itself built with `pip wheel --no-deps -w .whl .`) and installed to /tmp/site.
 #   Usage: bash benchmarks/gpu_session.sh [seconds per test file] [seconds per architecture's speed rows]
 #   GPU_SPEED_ARCHS="titans hymba" picks the speed rows; GPU_TEST_FILES="test_kernels test_titans" the test files;
-#   GPU_SWEEP_ARGS="--float32-matmul-precision high" is passed to the speed rows.
+#   GPU_SWEEP_ARGS="--float32-matmul-precision high" is passed to the speed rows; GPU_GDN_THROUGHPUT_S=300 runs
+#   gated_deltanet_throughput.py (vs fla's own model) under that limit.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 REPO=$PWD OUT=${OUT:-$PWD/gpu-out}
@@ -21,6 +22,9 @@ transformers.__version__, hf_memory.__file__)" | tee "$OUT/env.txt"
 # the Triton neural memory against its reference (skipped with GPU_SKIP_KERNEL_BENCH=1)
 [ -n "${GPU_SKIP_KERNEL_BENCH:-}" ] || timeout "${GPU_KERNEL_BENCH_S:-120}" python3 "$REPO/benchmarks/titans_kernel_throughput.py" \
   --output "$OUT/titans_kernel.md" > "$OUT/titans_kernel.log" 2>&1; cat "$OUT/titans_kernel.log"
+# hf-memory's GDN model vs flash-linear-attention's at the same configuration (when GPU_GDN_THROUGHPUT_S is set)
+[ -z "${GPU_GDN_THROUGHPUT_S:-}" ] || timeout "$GPU_GDN_THROUGHPUT_S" python3 "$REPO/benchmarks/gated_deltanet_throughput.py" \
+  --output "$OUT/gdn_throughput.md" > "$OUT/gdn_throughput.log" 2>&1; [ -z "${GPU_GDN_THROUGHPUT_S:-}" ] || tail -20 "$OUT/gdn_throughput.log"
 # one pytest per file, each under its own limit, every report in one file (8 files at most come back)
 for file in ${GPU_TEST_FILES:-test_kernels test_ssd_ops test_hymba test_rmt test_mor}; do
   echo "=== $file" >> "$OUT/pytest.txt"
