@@ -20,7 +20,7 @@ import traceback
 import torch
 
 import hf_memory
-from report import emit
+from report import emit, measured_row
 
 # A cut of each architecture's full-size preset: its widths, fewer layers (the layer-type pattern is kept).
 SPEED_MODELS = {
@@ -185,14 +185,7 @@ def main() -> None:
              "|---|---|---|"]
     tiny = [n for n in hf_memory.PRESETS if n.endswith("-tiny")
             and hf_memory.get_config(n).model_type.removeprefix("hfm_") in args.architectures and not args.skip_tiny]
-    for name in tiny:
-        try:
-            cells = check_tiny(name)
-        except Exception as error:
-            traceback.print_exc()
-            cells = [f"error: {type(error).__name__}: {str(error)[:120]}", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
+    lines += [measured_row(name, lambda: check_tiny(name)) for name in tiny]
     if not args.skip_speed:
         lines += ["", f"bf16 (fp32 matmuls at {args.float32_matmul_precision!r} precision), forward + backward at batch"
                   f" {args.batch} x {args.length} tokens ({args.steps} timed steps after one warm-up); decode: batch 1,"
@@ -204,13 +197,7 @@ def main() -> None:
         for architecture in args.architectures:
             for name, overrides in SPEED_MODELS[architecture]:
                 label = f"{name} cut to {overrides.get('num_hidden_layers', 'all')} layers"
-                try:
-                    cells = speed(name, overrides, args)
-                except Exception as error:
-                    traceback.print_exc()
-                    cells = [f"error: {type(error).__name__}: {str(error)[:120]}"]
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-                print(lines[-1], flush=True)
+                lines.append(measured_row(label, lambda: speed(name, overrides, args)))
     emit(lines, args.output)
 
 

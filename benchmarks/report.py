@@ -1,11 +1,13 @@
 """What the benchmark scripts share: the seed-spread cells of an accuracy table, measurements in a fresh
-process, and writing a table out."""
+process, a table row that survives its measurement failing, and writing a table out."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,6 +24,19 @@ def spread_cells(accuracies: list[float]) -> str:
     mean = sum(accuracies) / len(accuracies)
     return (f"{mean:.1%} | {min(accuracies):.1%} – {max(accuracies):.1%} | "
             f"{' / '.join(f'{a:.1%}' for a in accuracies)}")
+
+
+def measured_row(label: str, measure: Callable[[], list[str]]) -> str:
+    """``| label | cells |`` from ``measure()``, printed as soon as it is measured; an exception becomes the row's
+    error cell (its traceback printed), so one failing measurement leaves the others' rows."""
+    try:
+        cells = measure()
+    except Exception as error:
+        traceback.print_exc()
+        cells = [f"error: {type(error).__name__}: {str(error)[:120]}"]
+    line = f"| {label} | " + " | ".join(cells) + " |"
+    print(line, flush=True)
+    return line
 
 
 def emit(lines: list[str], output: str | None) -> None:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
-from report import emit
+from report import emit, measured_row
 
 from hf_memory.ops.neural_memory import fused_fits, neural_memory_chunked
 
@@ -108,16 +107,10 @@ def main() -> None:
     for precision in args.precisions:
         torch.set_float32_matmul_precision(precision)
         for heads, dim, depth, chunk in SHAPES:
-            if not fused_fits(dim, 2 * dim, depth, chunk):
-                cells = ["not covered: the reference runs"]
-            else:
-                try:
-                    cells = measure(heads, dim, depth, chunk, args, device, neural_memory_fused)
-                except Exception as error:  # one shape failing leaves the others' rows
-                    traceback.print_exc()
-                    cells = [f"error: {type(error).__name__}: {str(error)[:100]}"]
-            lines.append(f"| {precision} | {heads} x {dim} | {depth} | {chunk} | " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
+            covered = fused_fits(dim, 2 * dim, depth, chunk)
+            lines.append(measured_row(f"{precision} | {heads} x {dim} | {depth} | {chunk}", lambda: (
+                measure(heads, dim, depth, chunk, args, device, neural_memory_fused) if covered
+                else ["not covered: the reference runs"])))
     emit(lines, args.output)
 
 
