@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import textwrap
 from pathlib import Path
 
@@ -496,50 +497,43 @@ def test_neural_memory_dispatches_to_the_triton_kernel_only_for_cuda_and_the_siz
     assert calls == [2, 1, 2, 2, 1, 2]
 
 
-@gpu
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
-def test_titans_on_cuda_gives_the_same_logits_with_and_without_the_triton_memory(variant, monkeypatch):
-    """Without gradients (where the dispatch picks the kernel: it ran, and the logits match); training takes the
-    reference, and the kernel's own backward is checked against it above."""
-    overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)  # the kernel's smallest chunk
-    models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).cuda().eval()
-              for flag in (True, False)]
-    ids = random_ids(models[0].config, 2, 70).cuda()
-    mask = torch.ones_like(ids)
-    mask[0, :9] = 0  # rows out of step: row 0 closes its chunks 9 tokens later
+def check_titans_logits_with_and_without_the_triton_memory(device: str) -> None:
+    """Without gradients (where the dispatch picks the kernel), Titans MAC / MAG / MAL with rows out of step: the
+    kernel ran, and the logits equal the reference's. (Training takes the reference; the kernel's own backward is
+    checked against it above.)"""
     kernel, calls = kernels._load("neural_memory"), []
-    monkeypatch.setitem(kernels._loaded, "neural_memory",
-                        lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
-    with torch.no_grad():
-        logits = [model(ids, attention_mask=mask).logits[mask.bool()] for model in models]
-    assert calls
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
-
-
-@interpreter
-def test_titans_with_the_triton_memory_under_the_interpreter_runs_it_and_gives_the_same_logits():
-    """The CUDA test above on CPU: the dispatch told it is on CUDA, the kernel run by triton's interpreter."""
-    run_python(textwrap.dedent("""
-        import torch
-        from conftest import build, random_ids
-        from hf_memory import kernels
-        kernels.on_cuda = lambda *tensors: True
-        kernel, calls = kernels._load("neural_memory"), []
-        kernels._loaded["neural_memory"] = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+    kernels._loaded["neural_memory"] = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+    try:
         for variant in ("mac", "mag", "mal"):
-            overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)
-            models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).eval() for flag in (1, 0)]
-            ids = random_ids(models[0].config, 2, 70)
+            overrides = dict(memory_chunk_size=16, segment_size=32, sliding_window=24)  # the kernel's smallest chunk
+            models = [build(f"titans-{variant}-tiny", use_fused_kernels=flag, **overrides).to(device).eval()
+                      for flag in (True, False)]
+            ids = random_ids(models[0].config, 2, 70).to(device)
             mask = torch.ones_like(ids)
-            mask[0, :9] = 0
+            mask[0, :9] = 0  # row 0 closes its chunks 9 tokens later
             calls.clear()
             with torch.no_grad():
                 logits = [model(ids, attention_mask=mask).logits[mask.bool()] for model in models]
             assert calls, variant
             torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
-        print("ok")
-    """), env_extra={"TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)})
+    finally:
+        kernels._loaded["neural_memory"] = kernel
+
+
+@gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_titans_on_cuda_runs_the_triton_memory_and_gives_the_same_logits():
+    check_titans_logits_with_and_without_the_triton_memory("cuda")
+
+
+@interpreter
+def test_titans_with_the_triton_memory_under_the_interpreter_runs_it_and_gives_the_same_logits():
+    """The same check on CPU: the dispatch told it is on CUDA, the kernel run by triton's interpreter."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    run_python("from hf_memory import kernels\n"
+               "kernels.on_cuda = lambda *tensors: True\n"
+               "from test_kernels import check_titans_logits_with_and_without_the_triton_memory as check\n"
+               "check('cpu')\n", env_extra={"TRITON_INTERPRET": "1", "PYTHONPATH": path})
 
 
 HOPPER_SHARED_MEMORY = 232448  # bytes a kernel may ask for on an H100 / H200 SM (the limit Triton reports there)

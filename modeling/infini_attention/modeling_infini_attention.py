@@ -144,7 +144,6 @@ class InfiniAttention(nn.Module):
     def _memories(self, k, v, complete, segments):
         """(M_{s-1}, z_{s-1}) before each segment s, [B, S, H_kv, d_k, d_v] and [B, S, H_kv, d_k]."""
         n = self.segment_size
-        memory, norm = empty_memory(k, v)
         if self.update_rule == "linear" and not self.detach_every:  # eq. 4: sums of every earlier segment
             sk = sigma(k).unflatten(2, (segments, n)) * complete[:, None, :, None, None]
             writes = sk.transpose(-1, -2) @ v.float().unflatten(2, (segments, n))  # [B, H_kv, S, d_k, d_v]
@@ -153,7 +152,7 @@ class InfiniAttention(nn.Module):
             return memories.transpose(1, 2), norms.transpose(1, 2)
         if not self.detach_every and write_kernel(k, v, self.config.use_fused_kernels) is None:
             return memories_before_segments(k, v, complete, n, self.eps)  # eq. 5 in one tensor: fewer calls
-        memories, norms = [], []
+        (memory, norm), memories, norms = empty_memory(k, v), [], []
         for index in range(segments - 1):
             memories.append(memory)
             norms.append(norm)

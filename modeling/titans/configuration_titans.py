@@ -38,7 +38,8 @@ class TitansConfig(HFMemoryConfig):
     sliding-window attention of ``sliding_window`` gated by the memory branch), ``"mal"`` (memory as layer:
     the memory, then sliding-window attention). ``use_memory=False`` is the attention-only ablation.
     ``use_fused_kernels=False`` keeps the memory on its PyTorch reference on CUDA too (the fused Triton kernel
-    covers memory depth 1-2 with power-of-two sizes and chunks of at least 16).
+    runs without gradients, for memory depth 1-2, head size 16-128 and chunks of 16, 32 or 64:
+    ``hf_memory.ops.neural_memory.fused_fits``).
     """
 
     model_type = "hfm_titans"
