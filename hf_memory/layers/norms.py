@@ -16,10 +16,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one call: torch's rms_norm normalises in fp32 and rounds once to x's dtype, as
+        # (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) does in six
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class GatedRMSNorm(RMSNorm):

@@ -36,22 +36,24 @@ def gated_delta_rule_recurrent(
     initial_state: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference recurrence (the definition). Returns (o [B, T, H, d_v], final state [B, H, d_k, d_v] fp32)."""
+    """Reference recurrence (the definition). Returns (o [B, T, H, d_v], final state [B, H, d_k, d_v] fp32).
+
+    Tokens are taken as [B, H, 1, d] row vectors, so that each product is one batched matmul: a decode step (T = 1)
+    is a handful of calls."""
     batch, length, heads, d_k = k.shape
-    d_v = v.shape[-1]
     scale = d_k**-0.5 if scale is None else scale
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    state = q.new_zeros(batch, heads, d_k, d_v) if initial_state is None else initial_state.float()
+    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, d]
+    g, beta = (x.float().transpose(1, 2)[..., None] for x in (g, beta))  # [B, H, T, 1]
+    state = q.new_zeros(batch, heads, d_k, v.shape[-1]) if initial_state is None else initial_state.float()
     outputs = []
     for t in range(length):
-        k_t, v_t = k[:, t], v[:, t]  # [B, H, d_k], [B, H, d_v]
-        state = state * g[:, t].exp()[..., None, None]  # decay: alpha_t * state_{t-1}
-        prediction = (k_t[..., None, :] @ state)[..., 0, :]  # v_hat = S k_t (matmul: half einsum's overhead)
-        delta = beta[:, t, :, None] * (v_t - prediction)  # beta_t (v_t - v_hat)
-        state = state + k_t[..., :, None] * delta[..., None, :]  # write beta_t (v_t - v_hat) k_t^T
-        outputs.append(((q[:, t, :, None, :] * scale) @ state)[..., 0, :])  # o_t = S_t q_t
-    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, d_v)
-    return o, state
+        k_t = k[:, :, t : t + 1]
+        state = state * g[:, :, t : t + 1].exp()  # decay: alpha_t * state_{t-1}
+        delta = beta[:, :, t : t + 1] * (v[:, :, t : t + 1] - k_t @ state)  # beta_t (v_t - S k_t)
+        state = state + k_t.transpose(-1, -2) @ delta  # write beta_t (v_t - S k_t) k_t^T
+        outputs.append((q[:, :, t : t + 1] * scale) @ state)  # o_t = S_t q_t
+    o = torch.cat(outputs, dim=2) if outputs else v.new_zeros(batch, heads, 0, v.shape[-1])
+    return o.transpose(1, 2), state
 
 
 def gated_delta_rule_chunked(

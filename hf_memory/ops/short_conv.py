@@ -55,8 +55,9 @@ def short_conv(
         return causal_conv1d_reference(full, weight, bias, activation)[..., -x.shape[-1] :]
     # decode: the few new outputs as windows x weights (one token: 2-3x faster than conv1d on CPU)
     span = x.shape[-1] + weight.shape[-1] - 1  # the inputs the new outputs see, zeros before the start
-    full = F.pad(full, (max(0, span - full.shape[-1]), 0))[..., -span:]
-    y = (full.to(weight.dtype).unfold(-1, weight.shape[-1], 1) * weight[:, None]).sum(-1)
+    if full.shape[-1] < span:
+        full = F.pad(full, (span - full.shape[-1], 0))
+    y = (full[..., -span:].to(weight.dtype).unfold(-1, weight.shape[-1], 1) * weight[:, None]).sum(-1)
     y = y if bias is None else y + bias[:, None]
     return _activate(y, activation).to(x.dtype)
 

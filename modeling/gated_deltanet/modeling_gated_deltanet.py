@@ -95,8 +95,8 @@ class GatedDeltaNetMixer(nn.Module):
         qkv, (q, k, v) = conv_projections(x, (self.q_proj, self.k_proj, self.v_proj),
                                           (self.q_conv1d, self.k_conv1d, self.v_conv1d), conv_history,
                                           self.use_fused_kernels)
-        q = l2_normalize(q.reshape(batch, length, self.num_heads, self.head_k_dim))
-        k = l2_normalize(k.reshape(batch, length, self.num_heads, self.head_k_dim))
+        q, k = l2_normalize(torch.stack([q, k], dim=2).reshape(batch, length, 2 * self.num_heads, self.head_k_dim)
+                            ).chunk(2, dim=2)  # q and k in one call
         v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
         log_alpha, beta = self.gates(x)

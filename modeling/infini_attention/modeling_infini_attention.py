@@ -77,7 +77,7 @@ class InfiniAttention(nn.Module):
     def _local(self, q, k, v, allowed: torch.Tensor):
         """A_dot: softmax attention over the ``allowed`` [B, 1, Tq, Tk] pairs of the segment, through
         transformers' attention interface; returns ([B, H, Tq, d], weights or None)."""
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, weights = attend(self, q, k, v, mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0)
@@ -167,21 +167,19 @@ class InfiniAttention(nn.Module):
         """New tokens after a cached prefix, one at a time: append to the row's segment, attend over it, read
         the memory; a row whose segment fills folds it into the memory and starts an empty one."""
         layer, n, outputs, maps = segment_state(cache, self.layer_idx), self.segment_size, [], []
-        rows = torch.arange(q.shape[0], device=q.device)
+        rows, slots = torch.arange(q.shape[0], device=q.device), torch.arange(n, device=q.device)
+        q_rot, k_rot = (apply_rotary(x, *position_embeddings) for x in (q, k))
         for t in range(q.shape[2]):
             live = keep[:, t]  # [B]; a pad token changes nothing
-            cos, sin = (x[:, t : t + 1] for x in position_embeddings)
-            q_t, k_t = q[:, :, t : t + 1], k[:, :, t : t + 1]
             keys, raw_keys, values = layer.keys, layer.raw_keys, layer.values
-            if torch.is_grad_enabled():  # written in place when decoding; copied when autograd may need them
-                keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()
+            if torch.is_grad_enabled():  # written in place when decoding (one slot, whatever the segment size);
+                keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()  # copied for autograd
             slot = layer.count.clamp(max=n - 1)
-            for buffer, new in ((keys, apply_rotary(k_t, cos, sin)[:, :, 0]), (raw_keys, k_t[:, :, 0]),
-                                (values, v[:, :, t])):
+            for buffer, new in ((keys, k_rot[:, :, t]), (raw_keys, k[:, :, t]), (values, v[:, :, t])):
                 buffer[rows, :, slot] = torch.where(live[:, None, None], new, buffer[rows, :, slot])
-            allowed = (torch.arange(n, device=q.device)[None, :] <= slot[:, None])[:, None, None, :]
-            local, weights = self._local(apply_rotary(q_t, cos, sin), keys, values, allowed)
-            outputs.append(self._mix(local, q_t, layer.memory, layer.norm))
+            allowed = (slots[None, :] <= slot[:, None])[:, None, None, :]
+            local, weights = self._local(q_rot[:, :, t : t + 1], keys, values, allowed)
+            outputs.append(self._mix(local, q[:, :, t : t + 1], layer.memory, layer.norm))
             maps.append(weights)
 
             count = layer.count + live.long()
