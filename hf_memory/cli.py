@@ -6,6 +6,8 @@ commands:
     hf-memory convert   --from FORMAT SRC DST (jamba, llama, falcon_h1, hymba), or --to FORMAT SRC DST (jamba,
                         falcon_h1)
     hf-memory presets   list the named configurations and their sources
+    hf-memory bench     every architecture and a Llama baseline on one footing: recall vs distance, state bytes,
+                        speed (hf_memory.bench)
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ def presets(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 DEFAULT_PRESET = "gated-deltanet-1layer-tiny"  # see DEMO_TRAINING in hf_memory/tasks.py
-DESCRIPTION = "Memory architectures of language models as transformers models: a demo, conversion, presets."
+DESCRIPTION = ("Memory architectures of language models as transformers models: a demo, conversion, presets, "
+               "a benchmark.")
 DEMO_DESCRIPTION = """\
 Build a tiny model, train it on CPU on multi-query associative recall (a synthetic task),
 report recall accuracy, generate, and write a Hub-ready folder whose model card says it is
@@ -243,6 +246,46 @@ def add_demo_parser(commands) -> None:
     run.add_argument("--output", default="hf-memory-demo", help="folder to write the Hub-ready model to; new or empty unless --force (default: %(default)s)")
     add_writing_options(run)
     run.set_defaults(func=demo)
+
+
+BENCH_DESCRIPTION = """\
+Train every registered architecture's tiny preset, resized to one parameter budget, and a Llama
+baseline of the same budget on the same synthetic tasks (passkey at increasing distance, MQAR with
+more pairs, copy across segments) with the same steps, data and seeds; evaluate each level, levels
+beyond training included; measure cache bytes per sequence, prefill and decode speed. Writes
+bench.md (table), bench.json (raw numbers) and bench.png (plot). Nothing is downloaded."""
+BENCH_EPILOG = """examples:
+  hf-memory bench                                   # all architectures, budget small (2 CPU cores: ~15 min)
+  hf-memory bench --arch gated_deltanet,titans --tasks passkey --out my-bench
+"""
+
+
+def add_bench_parser(commands) -> None:
+    from hf_memory.bench import BUDGETS
+
+    bench = commands.add_parser("bench", help="compare every architecture on recall, state bytes and speed",
+                                description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--arch", default=None, metavar="A,B",
+                       help="architectures to run, comma-separated (default: all registered; the Llama baseline "
+                            "always runs)")
+    bench.add_argument("--tasks", default=None, metavar="T,U", help="tasks: passkey, mqar, copy (default: all)")
+    bench.add_argument("--budget", default="small", choices=list(BUDGETS),
+                       help="small: 2 CPU cores in ~15 min; paper: 10x the steps and batch, 5 seeds, for a GPU "
+                            "(default: %(default)s)")
+    bench.add_argument("--out", default="benchmarks/results/bench", metavar="DIR",
+                       help="folder for bench.md, bench.json, bench.png (default: %(default)s)")
+    bench.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                       help="training runs at a time on CPU, one thread each (default: %(default)s)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_debug_option(bench)
+    bench.set_defaults(func=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from hf_memory.bench import main as bench_main
+
+    return bench_main(args)
 
 
 def add_convert_parser(commands) -> None:
@@ -301,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_parser(commands)
     add_convert_parser(commands)
+    add_bench_parser(commands)
     listing = commands.add_parser("presets", help="list named configurations", epilog=PRESETS_EPILOG,
                                   description="List the named configurations and their sources.",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,11 +10,17 @@ asks for the values of some keys again. Token layout (vocabulary ``vocab_size``)
 A model without memory of the pairs is at chance (1 / n_values) on the query values.
 
 Passkey retrieval (``PasskeySpec``): a passkey hidden in an earlier segment of filler, asked for at the end.
+
+The yardstick of ``hf-memory bench`` (``BENCH_TASKS``) asks each question at a stated difficulty ("level"):
+passkey retrieval with the passkey ``level`` tokens before the question, MQAR with ``level`` pairs, and copying
+``level`` tokens (the source is ``level + 1`` tokens behind each copied token, so it spans segments). Levels
+beyond those trained on make the sequences longer than any seen in training: length extrapolation.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -58,6 +64,9 @@ class MQARSpec:
     def stage(self, num_pairs: int) -> "MQARSpec":
         """The easier task of a curriculum stage: ``num_pairs`` pairs, all queried."""
         return replace(self, num_pairs=num_pairs, num_queries=num_pairs)
+
+    def training_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return mqar_batch(self, batch_size, generator)
 
     def check(self) -> None:
         if self.num_keys < self.num_pairs:
@@ -116,7 +125,8 @@ DEMO_TRAINING = dict(warmup=50, decay="constant", curriculum=((1, 150),))
 
 def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
                  parameters=None, warmup: int = 50, decay: str = "constant", betas=(0.9, 0.999),
-                 weight_decay: float = 0.0, clip: float = 1.0, curriculum=()) -> list[float]:
+                 weight_decay: float = 0.0, clip: float = 1.0, curriculum=(), description: str | None = None,
+                 bar_position: int | None = None) -> list[float]:
     """AdamW on fresh batches of the task of ``spec`` (MQAR or passkey): linear warmup over ``warmup`` steps,
     then a ``"constant"`` or ``"cosine"`` (to 0 at the end) learning rate; returns the training losses.
     ``parameters`` may be optimizer parameter groups (default: all parameters).
@@ -124,13 +134,16 @@ def train_recall(model, spec, steps: int, batch_size: int, lr: float, seed: int,
     ``curriculum``: ``(level, steps)`` stages trained first, within the ``steps`` budget, each with a fresh
     optimizer and warmup, on ``spec.stage(level)``: MQAR with ``level`` pairs (with one pair the answer is the one
     value in the context, so the model learns to write values to its memory and read them back before it must
-    also match keys), passkey with ``level`` segments (the needle nearer the question)."""
+    also match keys), passkey with ``level`` segments (the needle nearer the question).
+
+    ``spec`` is anything with ``training_batch(batch_size, generator)`` (and ``stage`` for a curriculum)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
     stages = [(spec.stage(level), n) for level, n in scaled_curriculum(curriculum, steps)]
     stages.append((spec, steps - sum(n for _, n in stages)))
-    bar = tqdm(total=steps, desc=f"training on {type(spec).__name__[:-4]}", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc=description or f"training on {type(spec).__name__[:-4]}", unit="step",
+               disable=not progress, position=bar_position)
     losses = []
     for stage_spec, stage_steps in stages:
         # A fresh AdamW per stage: the harder stage's first gradients are ~100x the last ones of the easier stage,
@@ -157,8 +170,7 @@ def scaled_curriculum(curriculum, steps: int) -> list[tuple[int, int]]:
 
 def _train_step(model, optimizer, spec, batch_size: int, generator: torch.Generator, clip: float) -> float:
     model.train()
-    batch = (passkey_batch if isinstance(spec, PasskeySpec) else mqar_batch)(spec, batch_size, generator)
-    batch.pop("needle_segment", None)
+    batch = {name: t.to(model.device) for name, t in spec.training_batch(batch_size, generator).items()}
     loss = model(**batch, use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -200,6 +212,11 @@ class PasskeySpec:
         """The easier task of a curriculum stage: ``num_segments`` segments, so the needle is nearer the question."""
         return replace(self, num_segments=num_segments)
 
+    def training_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = passkey_batch(self, batch_size, generator)
+        del batch["needle_segment"]
+        return batch
+
 
 KEY, QUERY, FIRST_FILLER = 3, 4, 5
 
@@ -230,3 +247,71 @@ def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     return (predictions[scored] == targets[scored]).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- the yardstick
+@dataclass(frozen=True)
+class BenchTask:
+    """A task of ``hf-memory bench``: trained on levels drawn from ``train_levels``, evaluated per level."""
+
+    name: str
+    level_name: str  # what a level counts: the passkey's distance, pairs, tokens copied
+    make: Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]  # (level, batch, vocab, generator)
+    train_levels: tuple[int, int]  # inclusive range; one level drawn per training batch
+    vocab_size: int = 128
+
+    def batch(self, level: int, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.make(level, batch_size, self.vocab_size, generator)
+
+    def training_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        low, high = self.train_levels
+        return self.batch(int(torch.randint(low, high + 1, (), generator=generator)), batch_size, generator)
+
+
+PASSKEY_LENGTH = 32  # passkey sequences are at least this long: a nearer passkey leaves more filler before it
+
+
+def passkey_at_distance(distance: int, batch_size: int, vocab_size: int, generator: torch.Generator) -> dict:
+    """``bos filler.. KEY p filler.. QUERY p``: the passkey ``p`` is ``distance`` tokens before QUERY (1: right
+    before it); the label is the last ``p`` only. Filler is drawn from ``[5, vocab/2)`` and passkeys from
+    ``[vocab/2, vocab)``, so the one earlier passkey token is the only evidence of the answer."""
+    if distance < 1:
+        raise ValueError(f"passkey distance must be >= 1, got {distance}")
+    length = max(PASSKEY_LENGTH, distance + 4)  # bos, KEY, QUERY, answer
+    first_passkey = vocab_size // 2
+    ids = torch.randint(FIRST_FILLER, first_passkey, (batch_size, length), generator=generator)
+    passkeys = torch.randint(first_passkey, vocab_size, (batch_size,), generator=generator)
+    query = length - 2
+    ids[:, 0], ids[:, query - distance - 1], ids[:, query - distance] = BOS, KEY, passkeys
+    ids[:, query], ids[:, -1] = QUERY, passkeys
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -1] = passkeys
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def mqar_with_pairs(pairs: int, batch_size: int, vocab_size: int, generator: torch.Generator) -> dict:
+    """MQAR (``mqar_batch``) with ``pairs`` key-value pairs, every key queried once, in random order."""
+    return mqar_batch(MQARSpec(vocab_size, pairs, pairs), batch_size, generator)
+
+
+COPY = KEY  # the separator between the tokens to copy and their copy
+
+
+def copy_tokens(count: int, batch_size: int, vocab_size: int, generator: torch.Generator) -> dict:
+    """``bos x1..xn COPY x1..xn``: ``count`` random tokens from ``[5, vocab)``, then their copy (the labels);
+    each copied token's source is ``count + 1`` tokens before it."""
+    if count < 1:
+        raise ValueError(f"copy count must be >= 1, got {count}")
+    source = torch.randint(FIRST_FILLER, vocab_size, (batch_size, count), generator=generator)
+    bos, separator = torch.full((batch_size, 1), BOS), torch.full((batch_size, 1), COPY)
+    ids = torch.cat([bos, source, separator, source], dim=1)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -count:] = source
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+BENCH_TASKS = {
+    "passkey": BenchTask("passkey", "distance", passkey_at_distance, train_levels=(1, PASSKEY_LENGTH - 4)),
+    "mqar": BenchTask("mqar", "pairs", mqar_with_pairs, train_levels=(1, 6)),
+    "copy": BenchTask("copy", "tokens", copy_tokens, train_levels=(1, 8)),
+}
