@@ -7,7 +7,8 @@ and 8K tokens of context.
 
 (1) is measured on a narrow model with hymba-1.5b's cache-shaping fields (32 layers, 25 x 128-wide value heads,
 5 KV heads of 64 / 128, SSM 3200 x 16 with conv 4, 128 meta tokens, window 1025, its 14 KV-sharing groups, KV in
-bf16 and SSM state in fp32): every tensor the cache holds is summed; the model's width does not enter the cache.
+bf16 and SSM state in fp32): every tensor the cache holds is summed (``hf_memory.bench.cache_bytes``, each storage
+once); the model's width does not enter the cache.
 """
 
 from __future__ import annotations
@@ -20,18 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, FalconH1ForCausalLM
 
 import hf_memory
+from hf_memory.bench import cache_bytes, median_seconds
 from hf_memory.conversion.falcon_h1 import config_to_falcon_h1, rename_to_falcon_h1
 
 from report import emit
-
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for value in vars(layer).values():
-            tensors = value.values() if isinstance(value, dict) else [value]
-            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
 
 
 def prefill(model, context: int, chunk: int = 1024):
@@ -56,15 +49,6 @@ def hymba_cache_table(contexts) -> list[str]:
         llama = 2 * layers * kv_heads * head_dim * context * 2  # K and V, bf16
         rows.append(f"| {context} | {measured / 2**20:.1f} MiB | {llama / 2**20:.1f} MiB | {llama / measured:.2f}x |")
     return rows
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode_seconds(model, ids, new_tokens: int) -> float:
@@ -98,7 +82,7 @@ def falcon_speed_rows(prompt: int, new_tokens: int, repeats: int) -> list[str]:
     forward_s, decode_s = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
     for _ in range(repeats):  # interleaved: both see the same machine state
         for name, model in (("ours", ours), ("theirs", theirs)):
-            forward_s[name].append(timed(lambda: forward(model), 1))
+            forward_s[name].append(median_seconds(lambda: forward(model), 1))
             decode_s[name].append(decode_seconds(model, ids, new_tokens))
     f_ours, f_theirs = statistics.median(forward_s["ours"]), statistics.median(forward_s["theirs"])
     d_ours, d_theirs = statistics.median(decode_s["ours"]), statistics.median(decode_s["theirs"])

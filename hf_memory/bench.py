@@ -133,7 +133,7 @@ BAR_POSITION = 0
 
 def train_and_evaluate(name: str, task_name: str, seed: int, budget: Budget, device: str, progress: bool) -> dict:
     """One run: the model of ``name`` trained on ``task_name`` from ``seed``, then accuracy per level."""
-    from hf_memory.tasks import BENCH_TASKS, IGNORE, train_recall
+    from hf_memory.tasks import BENCH_TASKS, IGNORE, recall_accuracy, train_recall
 
     torch.set_num_threads(1)
     config = bench_config(name, budget.parameters, budget.longest_context)
@@ -147,17 +147,11 @@ def train_and_evaluate(name: str, task_name: str, seed: int, budget: Budget, dev
     seconds = time.perf_counter() - start
     diverged = next((step for step, loss in enumerate(losses) if not math.isfinite(loss)), None)
 
-    model.eval()
     levels = {}
     for level in budget.eval_levels[task_name]:
         batch = task.batch(level, budget.eval_sequences, torch.Generator().manual_seed(10_000 + seed))
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits.float()
-        targets = batch["labels"][:, 1:].to(device)
-        scored = targets != IGNORE
-        correct = (logits[:, :-1].argmax(-1) == targets)[scored]
-        levels[level] = {"accuracy": correct.float().mean().item(), "sequences": budget.eval_sequences,
-                         "scored_tokens": int(scored.sum()), "length": batch["input_ids"].shape[1]}
+        levels[level] = {"accuracy": recall_accuracy(model, batch), "sequences": budget.eval_sequences,
+                         "scored_tokens": int((batch["labels"] != IGNORE).sum()), "length": batch["input_ids"].shape[1]}
     return {"name": name, "task": task_name, "seed": seed, "levels": levels, "final_loss": losses[-1],
             "diverged_at_step": diverged, "train_tokens_per_s": task.tokens / seconds}
 
@@ -199,7 +193,8 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _median_seconds(call, repeats: int) -> float:
+def median_seconds(call, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -227,12 +222,12 @@ def measure_state_and_speed(name: str, budget: Budget, device: str) -> dict:
         synchronize()
 
     timed_prefill()  # warm-up
-    result = {"prefill_tokens_per_s": chunk / _median_seconds(timed_prefill, repeats=3), "state_bytes": {},
+    result = {"prefill_tokens_per_s": chunk / median_seconds(timed_prefill, repeats=3), "state_bytes": {},
               "decode_ms_per_token": {}}
     out, fed = None, 0
     for context in sorted(set(budget.state_contexts + budget.decode_contexts)):
         for start in range(fed, context, chunk):
-            out = model(input_ids=ids[:, start:min(start + chunk, context)], cache=out and out.cache, use_cache=True)
+            out = model(input_ids=ids[:, start:min(start + chunk, context)], cache=None if out is None else out.cache, use_cache=True)
         fed = context
         if context in budget.state_contexts:
             result["state_bytes"][context] = cache_bytes(out.cache)

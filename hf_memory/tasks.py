@@ -242,6 +242,7 @@ def passkey_batch(spec: PasskeySpec, batch_size: int, generator: torch.Generator
 def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
     """Fraction of query values predicted exactly (argmax of the next-token logits at each query key)."""
     model.eval()
+    batch = {name: t.to(model.device) for name, t in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     predictions = logits[:, :-1].argmax(-1)
     targets = batch["labels"][:, 1:]
