@@ -16,7 +16,8 @@ Rows:
     4 x 256 tokens) and a decode step (batch 4 after 128 tokens).
   * Infini-attention vs ``infini-transformer-pytorch`` (forward, 8K tokens), and segments of 8 vs 512.
   * Prefill (1 x 1024 tokens) and decode (after 1024 tokens) of the tiny presets of Jamba, Gated DeltaNet and
-    Infini-attention vs a Llama of the same width, depth, heads, FFN and vocabulary.
+    Infini-attention, and of Gated DeltaNet and Infini-attention at width 512, vs a Llama of the same width, depth,
+    heads, FFN and vocabulary.
   * Prefill of the GDN and Infini-attention tiny presets, eager vs ``torch.compile`` (inductor).
 
     python benchmarks/peer_ratios.py --rows jamba llama     # a subset: gated_delta titans jamba infini llama compiled
@@ -73,11 +74,12 @@ def gated_delta_flops(length: int, heads: int = 4, dim: int = 64, chunk: int = 6
     return 2 * per_chunk * heads * (length / chunk)
 
 
-def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 1024, batch: int = 1, repeats: int = 5) -> float:
+    """FLOP/s of ``batch`` products of two size x size fp32 matrices (one ``@`` call)."""
+    a, b = torch.randn(batch, size, size), torch.randn(batch, size, size)
     a @ b
     seconds = statistics.median(timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / seconds
+    return 2 * batch * size**3 / seconds
 
 
 def gated_delta_rows(repeats: int) -> list[str]:
@@ -92,6 +94,8 @@ def gated_delta_rows(repeats: int) -> list[str]:
         return torch_chunk_gated_delta_rule(*inputs, chunk_size=64, output_final_state=True)
 
     rate = matmul_rate()
+    # the chunked form's products are 64 x 64 blocks: the rate this CPU reaches on them bounds the operator's share
+    block_rate = matmul_rate(64, batch=512)
     lines = []
     for length in (2048, 8192):
         inputs = gated_delta_inputs(length)
@@ -100,7 +104,8 @@ def gated_delta_rows(repeats: int) -> list[str]:
             difference = (ours(inputs)[0] - theirs(inputs)[0]).abs().max().item()
         share = gated_delta_flops(length) / statistics.median(forward[0]) / rate
         lines.append(f"| GDN operator, forward, {length} tokens | {cells(*forward)} | {share:.0%} of "
-                     f"{rate / 1e9:.0f} GFLOP/s; outputs differ by {difference:.1e} |")
+                     f"{rate / 1e9:.0f} GFLOP/s (1024^3 matmul); 64 x 64 products alone reach {block_rate / rate:.0%}; "
+                     f"outputs differ by {difference:.1e} |")
         leaves = gated_delta_inputs(length, requires_grad=True)
 
         def step(operator):
@@ -242,13 +247,23 @@ def infini_rows(repeats: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- vs Llama
 def llama_rows(repeats: int) -> list[str]:
+    """Prefill and decode of the tiny presets (width 64: a decode step is mostly per-operator overhead) and of the
+    Gated DeltaNet and Infini-attention presets at width 512 (8 heads of 64, FFN 2048, vocabulary 4096: the
+    projections' arithmetic dominates) against a Llama of the same width, depth, heads, FFN and vocabulary."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import hf_memory
 
+    width_512 = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, intermediate_size=2048,
+                     vocab_size=4096)
+    gdn_heads_512 = dict(linear_num_key_heads=8, linear_num_value_heads=8, linear_key_head_dim=64,
+                         linear_value_head_dim=64)
+    models = [("jamba-tiny", {}), ("gated-deltanet-tiny", {}), ("infini-attention-tiny", {}),
+              ("gated-deltanet-tiny", {**width_512, **gdn_heads_512}), ("infini-attention-tiny", width_512)]
     lines = []
-    for preset in ("jamba-tiny", "gated-deltanet-tiny", "infini-attention-tiny"):
-        config = hf_memory.get_config(preset)
+    for preset, overrides in models:
+        config = hf_memory.get_config(preset, **overrides)
+        name = preset if not overrides else f"{preset.removesuffix('-tiny')} at width 512"
         torch.manual_seed(0)
         ours = AutoModelForCausalLM.from_config(config).eval()
         llama = LlamaForCausalLM(LlamaConfig(
@@ -261,10 +276,10 @@ def llama_rows(repeats: int) -> list[str]:
             prefill = interleaved(lambda: ours(input_ids=ids, use_cache=False),
                                   lambda: llama(input_ids=ids, use_cache=False), repeats)
         decode = interleaved(decode_step(ours, ids, 16), decode_step(llama, ids, 16), repeats)
-        sizes = " vs ".join(f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}K" for m in (ours, llama))
-        lines += [f"| {preset} vs a same-size Llama: prefill, 1 x 1024 tokens | {cells(*prefill)} | "
+        sizes = " vs ".join(f"{sum(p.numel() for p in m.parameters()) / 1e3:,.0f}K" for m in (ours, llama))
+        lines += [f"| {name} vs a same-size Llama: prefill, 1 x 1024 tokens | {cells(*prefill)} | "
                   f"{sizes} parameters |",
-                  f"| {preset} vs a same-size Llama: 16 decode steps after 1024 tokens | {cells(*decode)} | |"]
+                  f"| {name} vs a same-size Llama: 16 decode steps after 1024 tokens | {cells(*decode)} | |"]
         print(*lines[-2:], sep="\n", flush=True)
     return lines
 

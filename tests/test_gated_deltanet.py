@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 import hf_memory
 from hf_memory.modeling.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetMixer
-from hf_memory.ops.gated_delta import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
+from hf_memory.ops.gated_delta import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                                       unit_lower_triangular_inverse)
 
 
 def _inputs(batch=2, length=50, heads=3, d_k=16, d_v=24, seed=0, value_heads=None):
@@ -35,11 +36,13 @@ def _step_by_step(q, k, v, g, beta, state):
     return torch.cat(outputs, dim=1), state
 
 
-@pytest.mark.parametrize("length,chunk_size", [(50, 16), (64, 64), (7, 16), (129, 32)])
-def test_chunked_equals_recurrent_equals_single_step_decode(length, chunk_size):
+@pytest.mark.parametrize("length,chunk_size,chunks_per_block",
+                         [(50, 16, 16), (64, 64, 16), (7, 16, 16), (129, 32, 16), (129, 32, 2), (50, 12, 1)])
+def test_chunked_equals_recurrent_equals_single_step_decode(length, chunk_size, chunks_per_block):
     q, k, v, g, beta, state = _inputs(length=length)
     o_rec, s_rec = gated_delta_rule_recurrent(q, k, v, g, beta, state)
-    o_chunk, s_chunk = gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
+    o_chunk, s_chunk = gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=chunk_size,
+                                                chunks_per_block=chunks_per_block)
     o_step, s_step = _step_by_step(q, k, v, g, beta, state)
     assert (o_rec - o_chunk).abs().max() <= 1e-5 and (s_rec - s_chunk).abs().max() <= 1e-5
     assert (o_rec - o_step).abs().max() <= 1e-5 and (s_rec - s_step).abs().max() <= 1e-5
@@ -52,10 +55,21 @@ def test_chunked_form_gradients_match_the_recurrent_definition():
     reference = [t.grad.clone() for t in tensors]
     for t in tensors:
         t.grad = None
-    o, s = gated_delta_rule_chunked(*tensors, chunk_size=16)
+    o, s = gated_delta_rule_chunked(*tensors, chunk_size=16, chunks_per_block=2)  # 3 chunks: two blocks
     (o.square().sum() + s.sum()).backward()
     for expected, t in zip(reference, tensors):
         torch.testing.assert_close(t.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 5, 16, 64])
+def test_unit_lower_triangular_inverse_equals_the_triangular_solve(size):
+    """On the chunked form's own A: beta_t k_t^T k_i below the diagonal, unit keys, beta up to 2."""
+    generator = torch.Generator().manual_seed(size)
+    keys = F.normalize(torch.randn(3, size, 16, generator=generator), dim=-1)
+    a = (2 * torch.rand(3, size, 1, generator=generator) * keys @ keys.transpose(-1, -2)).tril(-1)
+    identity = torch.eye(size).expand(3, -1, -1)
+    expected = torch.linalg.solve_triangular(identity + a, identity, upper=False)
+    torch.testing.assert_close(unit_lower_triangular_inverse(a), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_recurrence_is_online_sgd_on_the_key_value_regression_loss():

@@ -15,7 +15,7 @@ beta [B, T, H]. Queries are scaled by d_k^-1/2 here. All state math is fp32; out
 Three implementations:
   * ``gated_delta_rule_recurrent``: token by token, the definition (and the decode step);
   * ``gated_delta_rule_chunked``: the chunkwise WY/UT form, exact up to fp32 rounding, fast enough to train
-    on CPU;
+    on CPU (and the CUDA path when flash-linear-attention is absent or forced off);
   * flash-linear-attention's chunk / fused-recurrent kernels on CUDA, through ``hf_memory.kernels``.
 """
 
@@ -56,6 +56,26 @@ def gated_delta_rule_recurrent(
     return o.transpose(1, 2), state
 
 
+def unit_lower_triangular_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C], by doubling the block size: when the diagonal blocks
+    L11, L22 of size s are inverted, the block [[L11, 0], [L21, L22]] of size 2s has the inverse
+    [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]. Batched products only: a batch of triangular solves of this size
+    runs at a fraction of the matmul rate on CPU, and copies its operands into column-major layout."""
+    size = a.shape[-1]
+    padded = 1 << (size - 1).bit_length()  # sizes other than powers of two: I + a extended by an identity block
+    a = F.pad(a, (0, padded - size, 0, padded - size))
+    inverse = a.new_ones(*a.shape[:-2], padded, 1, 1)  # the diagonal blocks of size s = 1
+    s = 1
+    while s < padded:
+        grid = a.unflatten(-1, (padded // s, s)).unflatten(-3, (padded // s, s))  # [..., C/s, s, C/s, s]
+        lower_left = grid[..., 1::2, :, 0::2, :].diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # L21 of each pair
+        upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        below = -(lower @ lower_left @ upper)
+        inverse = torch.cat([torch.cat([upper, torch.zeros_like(upper)], -1), torch.cat([below, lower], -1)], -2)
+        s *= 2
+    return inverse.squeeze(-3)[..., :size, :size]
+
+
 def gated_delta_rule_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,57 +85,61 @@ def gated_delta_rule_chunked(
     initial_state: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_size: int = 64,
+    chunks_per_block: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise WY / UT form of the same recurrence.
 
     Inside a chunk with cumulative log-decay gamma_t and Gamma_t = exp(gamma_t), write
     state_t = alpha_t state_{t-1} + k_t u_t^T with u_t = beta_t (v_t - alpha_t state_{t-1}^T k_t). Unrolling gives
     the lower-triangular system (I + A) U = beta V - (beta Gamma K) state_0 with
-    A_ti = beta_t (Gamma_t / Gamma_i) k_t^T k_i (i < t); then
-    O = (Gamma Q) state_0 + [(Q K^T) * D] U with D_ti = Gamma_t / Gamma_i (i <= t), and
-    state_C = Gamma_C state_0 + (K * Gamma_C / Gamma)^T U.
+    A_ti = beta_t (Gamma_t / Gamma_i) k_t^T k_i (i < t), so U = W_v - W_k state_0 with
+    [W_v | W_k] = (I + A)^-1 [beta V | beta Gamma K]; then, with D_ti = Gamma_t / Gamma_i (i <= t),
+    O = (Gamma Q) state_0 + [(Q K^T) * D] U and state_C = Gamma_C state_0 + (K * Gamma_C / Gamma)^T U.
+    Both are affine in state_0:
+        O = [(Q K^T) * D] W_v + P state_0,          P = Gamma Q - [(Q K^T) * D] W_k
+        state_C = M state_0 + (K * Gamma_C / Gamma)^T W_v,   M = Gamma_C I - (K * Gamma_C / Gamma)^T W_k
+    so everything but state_C = M state_0 + b is computed for many chunks at once; that one product runs chunk
+    after chunk. Chunks go ``chunks_per_block`` at a time, so that the [C, C] intermediates stay in cache.
     """
     batch, length, heads, d_k = k.shape
     d_v = v.shape[-1]
     scale = d_k**-0.5 if scale is None else scale
     out_dtype = v.dtype
     pad = (-length) % chunk_size
-    # [B, H, N, C, d]: heads first, then chunks. Padding at the end has beta = 0 and g = 0 (alpha = 1), so it
+    # [B H, N, C, d]: chunks of every (row, head). Padding at the end has beta = 0 and g = 0 (alpha = 1), so it
     # neither writes nor decays the state.
     q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))
     g, beta = (F.pad(x.float(), (0, 0, 0, pad)).transpose(1, 2) for x in (g, beta))
     n_chunks = (length + pad) // chunk_size
-    q, k, v = (x.reshape(batch, heads, n_chunks, chunk_size, -1) for x in (q, k, v))
-    g, beta = (x.reshape(batch, heads, n_chunks, chunk_size) for x in (g, beta))
-    q = q * scale
-
-    gamma = g.cumsum(-1)  # [B, H, N, C]
+    q, k, v = (x.reshape(batch * heads, n_chunks, chunk_size, -1) for x in (q, k, v))
+    g, beta = (x.reshape(batch * heads, n_chunks, chunk_size) for x in (g, beta))
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # log(Gamma_t / Gamma_i), with the upper triangle set to -inf before exp so it can neither overflow nor leak
-    log_ratio = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf"))
-    decay_ratio = log_ratio.exp()  # D, [B, H, N, C, C], lower triangular with ones on the diagonal
+    identity = torch.eye(d_k, device=q.device)
 
-    k_beta = k * beta[..., None]
-    strictly_lower = decay_ratio.tril(-1)
-    system = torch.eye(chunk_size, device=q.device) + (k_beta @ k.transpose(-1, -2)) * strictly_lower  # I + A
-    w_v = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w_k = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
-    intra = (q @ k.transpose(-1, -2)) * decay_ratio  # [(Q K^T) * D]
-    q_decayed = q * gamma.exp()[..., None]  # Gamma Q
-    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # K * Gamma_C / Gamma
-    chunk_decay = gamma[..., -1].exp()  # Gamma_C, [B, H, N]
-
-    state = q.new_zeros(batch, heads, d_k, d_v) if initial_state is None else initial_state.float()
+    state = (q.new_zeros(batch * heads, d_k, d_v) if initial_state is None
+             else initial_state.float().reshape(batch * heads, d_k, d_v))
     outputs = []
-    # per-chunk views taken once (unbind): indexing the full tensors inside the loop would make each chunk's
-    # backward write a gradient the size of the whole sequence (quadratic in T)
-    chunks = zip(*(x.unbind(2) for x in (w_v, w_k, q_decayed, intra, k_to_end, chunk_decay)))
-    for w_v_n, w_k_n, q_decayed_n, intra_n, k_to_end_n, chunk_decay_n in chunks:
-        u = w_v_n - w_k_n @ state  # [B, H, C, d_v]
-        outputs.append(q_decayed_n @ state + intra_n @ u)
-        state = chunk_decay_n[..., None, None] * state + k_to_end_n.transpose(-1, -2) @ u
-    o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, d_v)[:, :, :length]
-    return o.transpose(1, 2).to(out_dtype), state
+    for q, k, v, g, beta in zip(*(x.split(chunks_per_block, dim=1) for x in (q, k, v, g, beta))):
+        gamma = g.cumsum(-1)  # [B H, n, C]
+        gamma_exp = gamma.exp()[..., None]
+        # D = exp(log(Gamma_t / Gamma_i)), the upper triangle set to -inf before exp so it can neither overflow
+        # nor leak
+        decay_ratio = (gamma[..., :, None] - gamma[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+        k_beta = k * beta[..., None]
+        a = (k_beta @ k.transpose(-1, -2)) * decay_ratio.tril(-1)  # A
+        w = unit_lower_triangular_inverse(a) @ torch.cat([v * beta[..., None], k_beta * gamma_exp], -1)
+        intra_w = (q @ k.transpose(-1, -2)).mul_(decay_ratio) @ w  # [(Q K^T) * D] [W_v | W_k]
+        k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # K * Gamma_C / Gamma
+        state_w = k_to_end.transpose(-1, -2) @ w  # [B H, n, d_k, d_v + d_k]
+        transition = gamma[..., -1, None, None].exp() * identity - state_w[..., d_v:]  # M
+        chunk_starts = []
+        for transition_n, write_n in zip(transition.unbind(1), state_w[..., :d_v].unbind(1)):
+            chunk_starts.append(state)
+            state = torch.baddbmm(write_n, transition_n, state)  # state_C = M state_0 + b
+        p = q * gamma_exp - intra_w[..., d_v:]
+        outputs.append((intra_w[..., :d_v] + p @ torch.stack(chunk_starts, dim=1)) * scale)
+    o = torch.cat(outputs, dim=1).reshape(batch, heads, -1, d_v)[:, :, :length]
+    return o.transpose(1, 2).to(out_dtype), state.unflatten(0, (batch, heads))
 
 
 def _repeat_key_heads(q: torch.Tensor, k: torch.Tensor, value_heads: int) -> tuple[torch.Tensor, torch.Tensor]:

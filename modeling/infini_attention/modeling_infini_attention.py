@@ -32,7 +32,7 @@ from hf_memory.ops.compressive_memory import (
     write_kernel,
     write_memory,
 )
-from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment
+from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment, when_any
 
 from .configuration_infini_attention import InfiniAttentionConfig
 
@@ -184,9 +184,10 @@ class InfiniAttention(nn.Module):
 
             count = layer.count + live.long()
             filled = count == n
-            memory, norm = layer.memory, layer.norm
-            if bool(filled.any()):  # a segment is written once, when it fills
-                memory, norm = self._write(memory, norm, raw_keys, values, filled[:, None].expand(-1, n))
+            # a segment is written once, when it fills
+            memory, norm = when_any(filled, lambda memory, norm, raw_keys, values, filled: self._write(
+                memory, norm, raw_keys, values, filled[:, None].expand(-1, n)), (layer.memory, layer.norm),
+                (raw_keys, values, filled))
             store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=keys, raw_keys=raw_keys,
                                 values=values, count=torch.where(filled, 0, count), processed=layer.tokens + 1)
         return torch.cat(outputs, dim=2), None if maps[0] is None else torch.cat(maps, dim=2)

@@ -44,7 +44,7 @@ from hf_memory.modeling_utils import (
     MemoryDecoderLayer,
     padding_mask,
 )
-from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment
+from hf_memory.segments import from_segments, real_first, to_segments, unfinished_segment, when_any
 
 from .configuration_rmt import RMTConfig
 
@@ -379,13 +379,18 @@ class RMTModel(RMTPreTrainedModel, HFMemoryModel):
                   for layer, (k, v) in zip(layers, (stack_pass.new[i] for i in range(len(layers))))]
             count = count + live.long()
             filled = count == n
-            if bool(filled.any()) and self.num_write:
-                memory, associations, kv = self._next_segment(memory, associations, kv, filled)
+            if self.num_write:  # a full segment hands its memory on
+                memory, associations, kv = self._fold(memory, associations, kv, filled)
             count = torch.where(filled, 0, count)
             self._store(cache, memory, associations, kv, count, [layer.tokens + 1 for layer in layers])
         hidden_states = None if not per_layer else tuple(torch.cat(h, dim=1) for h in zip(*per_layer))
         attentions = None if not maps else tuple(torch.cat(a, dim=2) for a in zip(*maps))
         return torch.cat(outputs, dim=1), hidden_states, attentions
+
+    def _fold(self, memory, associations, kv, filled):
+        """The rows whose segment is full (``filled`` [B]) hand their memory on (``_next_segment``); the others
+        keep theirs."""
+        return when_any(filled, self._next_segment, (memory, associations, kv), (filled,))
 
     def _next_segment(self, memory, associations, kv, filled):
         """Rows whose segment is full (``filled`` [B]): the write pass (write positions r+S.. over the full
