@@ -63,7 +63,8 @@ def unit_lower_triangular_inverse(a: torch.Tensor) -> torch.Tensor:
     runs at a fraction of the matmul rate on CPU, and copies its operands into column-major layout."""
     size = a.shape[-1]
     padded = 1 << (size - 1).bit_length()  # sizes other than powers of two: I + a extended by an identity block
-    a = F.pad(a, (0, padded - size, 0, padded - size))
+    if padded != size:
+        a = F.pad(a, (0, padded - size, 0, padded - size))
     inverse = a.new_ones(*a.shape[:-2], padded, 1, 1)  # the diagonal blocks of size s = 1
     s = 1
     while s < padded:
@@ -106,21 +107,23 @@ def gated_delta_rule_chunked(
     scale = d_k**-0.5 if scale is None else scale
     out_dtype = v.dtype
     pad = (-length) % chunk_size
-    # [B H, N, C, d]: chunks of every (row, head). Padding at the end has beta = 0 and g = 0 (alpha = 1), so it
-    # neither writes nor decays the state.
-    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))
-    g, beta = (F.pad(x.float(), (0, 0, 0, pad)).transpose(1, 2) for x in (g, beta))
     n_chunks = (length + pad) // chunk_size
-    q, k, v = (x.reshape(batch * heads, n_chunks, chunk_size, -1) for x in (q, k, v))
-    g, beta = (x.reshape(batch * heads, n_chunks, chunk_size) for x in (g, beta))
+    # [N, B H, C, d]: chunk-major, so a block of chunks is contiguous. Padding at the end has beta = 0 and g = 0
+    # (alpha = 1), so it neither writes nor decays the state.
+    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (n_chunks, chunk_size)).permute(1, 0, 3, 2, 4)
+               .reshape(n_chunks, batch * heads, chunk_size, -1).contiguous() for x in (q, k, v))
+    g, beta = (F.pad(x.float(), (0, 0, 0, pad)).unflatten(1, (n_chunks, chunk_size)).permute(1, 0, 3, 2)
+               .reshape(n_chunks, batch * heads, chunk_size).contiguous() for x in (g, beta))
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     identity = torch.eye(d_k, device=q.device)
 
     state = (q.new_zeros(batch * heads, d_k, d_v) if initial_state is None
              else initial_state.float().reshape(batch * heads, d_k, d_v))
     outputs = []
-    for q, k, v, g, beta in zip(*(x.split(chunks_per_block, dim=1) for x in (q, k, v, g, beta))):
-        gamma = g.cumsum(-1)  # [B H, n, C]
+    for q, k, v, g, beta in zip(*(x.split(chunks_per_block) for x in (q, k, v, g, beta))):
+        n = q.shape[0]
+        q, k, v, g, beta = (x.flatten(0, 1) for x in (q, k, v, g, beta))  # [n B H, C, ...]: 3-d products
+        gamma = g.cumsum(-1)
         gamma_exp = gamma.exp()[..., None]
         # D = exp(log(Gamma_t / Gamma_i)), the upper triangle set to -inf before exp so it can neither overflow
         # nor leak
@@ -130,16 +133,16 @@ def gated_delta_rule_chunked(
         w = unit_lower_triangular_inverse(a) @ torch.cat([v * beta[..., None], k_beta * gamma_exp], -1)
         intra_w = (q @ k.transpose(-1, -2)).mul_(decay_ratio) @ w  # [(Q K^T) * D] [W_v | W_k]
         k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # K * Gamma_C / Gamma
-        state_w = k_to_end.transpose(-1, -2) @ w  # [B H, n, d_k, d_v + d_k]
-        transition = gamma[..., -1, None, None].exp() * identity - state_w[..., d_v:]  # M
+        state_w = (k_to_end.transpose(-1, -2) @ w).unflatten(0, (n, -1))  # [n, B H, d_k, d_v + d_k]
+        transition = gamma[..., -1, None, None].exp().unflatten(0, (n, -1)) * identity - state_w[..., d_v:]  # M
         chunk_starts = []
-        for transition_n, write_n in zip(transition.unbind(1), state_w[..., :d_v].unbind(1)):
+        for transition_n, write_n in zip(transition, state_w[..., :d_v]):
             chunk_starts.append(state)
             state = torch.baddbmm(write_n, transition_n, state)  # state_C = M state_0 + b
         p = q * gamma_exp - intra_w[..., d_v:]
-        outputs.append((intra_w[..., :d_v] + p @ torch.stack(chunk_starts, dim=1)) * scale)
-    o = torch.cat(outputs, dim=1).reshape(batch, heads, -1, d_v)[:, :, :length]
-    return o.transpose(1, 2).to(out_dtype), state.unflatten(0, (batch, heads))
+        outputs.append((intra_w[..., :d_v] + p @ torch.stack(chunk_starts).flatten(0, 1)) * scale)
+    o = torch.cat(outputs).unflatten(0, (n_chunks, batch, heads)).permute(1, 0, 3, 2, 4).reshape(batch, -1, heads, d_v)
+    return o[:, :length].to(out_dtype), state.unflatten(0, (batch, heads))
 
 
 def _repeat_key_heads(q: torch.Tensor, k: torch.Tensor, value_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
