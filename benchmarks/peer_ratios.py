@@ -8,7 +8,8 @@ Rows:
   * Gated DeltaNet operator, ``gated_delta_rule_chunked`` vs transformers' ``torch_chunk_gated_delta_rule``
     (Qwen3-Next) on the same inputs: forward and forward + backward at 2K and 8K tokens (1 batch row, 4 heads of
     64, chunks of 64), and the forward's share of this CPU's single-thread fp32 matmul rate (the FLOPs of the
-    chunked form's matmuls and triangular solves over the time of one 1024 x 1024 x 1024 matmul's rate).
+    chunked form's matmuls and triangular solves over the time, against one 1024 x 1024 x 1024 matmul's rate),
+    beside the share a batch of 512 products of 64 x 64 matrices (the chunked form's block size) reaches.
   * Titans memory layer vs ``titans-pytorch``'s NeuralMemory computing the same function (forward).
   * Jamba-style hybrid vs transformers' ``JambaForCausalLM`` holding the same weights (``jamba_speed.py``'s tiny
     and small sizes), on its default path and with ``use_mambapy=True`` (mambapy's parallel scan; that row says so
