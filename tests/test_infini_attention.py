@@ -114,3 +114,32 @@ def test_prefill_of_all_segments_at_once_equals_token_by_token_decode(rule):
     stepped = torch.cat(steps, dim=1)
     real = mask.bool()
     torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("split", [13, 30])
+def test_several_new_tokens_after_a_cache_run_in_one_call_and_equal_the_full_forward(rule, split):
+    """A continuation of several tokens takes the prefill path started from the cached memory and unfinished
+    segment (rows out of step: left pads of 4 and 9): its logits equal the full forward's, and the cache it leaves
+    equals the one token-by-token decoding leaves."""
+    import copy
+
+    model = _with_open_gates(build("infini-attention-tiny", memory_update=rule))
+    ids = random_ids(model.config, 3, 45)
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :9] = 0, 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        prompt = model(ids[:, :split], attention_mask=mask[:, :split], use_cache=True).cache
+        at_once = model(ids[:, split:], attention_mask=mask, cache=copy.deepcopy(prompt), use_cache=True)
+        cache = prompt
+        for t in range(split, ids.shape[1]):
+            cache = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).cache
+    torch.testing.assert_close(at_once.logits, full[:, split:], rtol=1e-5, atol=1e-5)
+    for name in ("memory", "norm", "keys", "raw_keys", "values", "count", "tokens"):
+        for ours, stepped in zip(at_once.cache.layers, cache.layers):
+            got, expected = getattr(ours, name), getattr(stepped, name)
+            if name in ("keys", "raw_keys", "values"):  # slots past a row's count hold whatever was there
+                filled = torch.arange(got.shape[2])[None] < ours.count[:, None]
+                got, expected = got.transpose(1, 2)[filled], expected.transpose(1, 2)[filled]
+            torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(expected), rtol=1e-5, atol=1e-5)

@@ -96,11 +96,13 @@ def update(
 
 
 def memories_before_segments(k: torch.Tensor, v: torch.Tensor, complete: torch.Tensor, segment_size: int,
-                             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                             eps: float = 1e-6, initial: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M_{s-1}, z_{s-1}) before each segment s under the delta rule (eq. 5), [B, S, H_kv, d_k, d_v] and
     [B, S, H_kv, d_k], from k [B, H_kv, S n, d_k], v [B, H_kv, S n, d_v] and ``complete`` [B, S] (a segment
-    not complete writes nothing). ``update`` with M and z kept as one [d_k, d_v + 1] matrix [M | z]: a segment
-    reads sigma(K) [M | z] in one product and writes sigma(K)^T [V - A_mem | 1] in one more."""
+    not complete writes nothing), starting from ``initial`` (M, z) (default: empty). ``update`` with M and z kept as
+    one [d_k, d_v + 1] matrix [M | z]: a segment reads sigma(K) [M | z] in one product and writes
+    sigma(K)^T [V - A_mem | 1] in one more."""
     batch, heads, length, d_k = k.shape
     segments, d_v = length // segment_size, v.shape[-1]
 
@@ -110,7 +112,8 @@ def memories_before_segments(k: torch.Tensor, v: torch.Tensor, complete: torch.T
 
     sk = per_segment(sigma(k) * complete.repeat_interleave(segment_size, dim=1)[:, None, :, None])
     v1 = per_segment(torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1))
-    state = k.new_zeros(batch * heads, d_k, d_v + 1, dtype=torch.float32)  # [M | z]
+    state = (k.new_zeros(batch * heads, d_k, d_v + 1, dtype=torch.float32) if initial is None  # [M | z]
+             else torch.cat([initial[0], initial[1][..., None]], dim=-1).float().flatten(0, 1))
     states = []
     for sk_s, v1_s in zip(sk.unbind(0), v1.unbind(0)):
         states.append(state)

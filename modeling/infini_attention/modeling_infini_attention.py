@@ -104,18 +104,31 @@ class InfiniAttention(nn.Module):
         k = self._heads(self.k_proj(hidden_states), self.num_kv_heads)
         v = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
         layer = segment_state(cache, self.layer_idx)
-        step = self._continue if layer is not None else self._prefill
-        out, weights = step(q, k, v, keep, position_embeddings, cache)
+        if layer is not None and length == 1:
+            out, weights = self._continue(q, k, v, keep, position_embeddings, cache)
+        else:  # a sequence, or several new tokens after a cached prefix (which joins as that row's first tokens)
+            out, weights = self._prefill(q, k, v, keep, position_embeddings, cache, layer)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), weights
 
-    def _prefill(self, q, k, v, keep, position_embeddings, cache):
-        """A whole sequence from an empty memory over each row's real tokens: the segments' local attention in one
-        call (segments folded into the batch), the memory written segment by segment (eq. 5 needs M_{s-1}; eq. 4
-        is an exclusive cumulative sum), then every segment's read of the memory before it in one call."""
-        n, real, order = self.segment_size, keep.sum(1), real_first(keep)
-        cos, sin = (to_segments(x.expand(len(keep), -1, -1)[:, None], order, n)[:, 0] for x in position_embeddings)
-        q_raw, k_raw, v = to_segments(q, order, n), to_segments(k, order, n), to_segments(v, order, n)
-        q_rot, k_rot = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
+    def _prefill(self, q, k, v, keep, position_embeddings, cache, prefix=None):
+        """A whole sequence over each row's real tokens: the segments' local attention in one call (segments folded
+        into the batch), the memory written segment by segment (eq. 5 needs M_{s-1}; eq. 4 is an exclusive
+        cumulative sum), then every segment's read of the memory before it in one call. After a cached ``prefix``
+        (several new tokens at once) the row's unfinished segment goes first, its keys as cached, and the memory
+        starts from the cached one; only the new tokens' outputs are returned."""
+        n = self.segment_size
+        q_rot, k_rot = (apply_rotary(x, *position_embeddings) for x in (q, k))
+        initial, held = None, 0
+        if prefix is not None:  # the cached slots as the first n positions; their queries are not needed
+            held = n
+            slots = torch.arange(n, device=q.device)[None] < prefix.count[:, None]
+            keep = torch.cat([slots, keep], dim=1)
+            q, q_rot = (torch.cat([x.new_zeros(*x.shape[:2], n, x.shape[-1]), x], dim=2) for x in (q, q_rot))
+            k, k_rot, v = (torch.cat([cached.to(x.dtype), x], dim=2)
+                           for cached, x in ((prefix.raw_keys, k), (prefix.keys, k_rot), (prefix.values, v)))
+            initial = (prefix.memory, prefix.norm)
+        real, order = keep.sum(1), real_first(keep)
+        q_raw, k_raw, v, q_rot, k_rot = (to_segments(x, order, n) for x in (q, k, v, q_rot, k_rot))
         batch, segments = q.shape[0], q_raw.shape[2] // n
 
         def fold(x):  # [B, H, S n, d] -> [B S, H, n, d]
@@ -131,28 +144,31 @@ class InfiniAttention(nn.Module):
         local, weights = self._local(fold(q_rot), fold(k_rot), fold(v), allowed.flatten(0, 1)[:, None])
 
         complete = real[:, None] >= starts + n  # [B, S]: a row's segment is written once it is full
-        memories, norms = self._memories(k_raw, v, complete, segments)
+        memories, norms = self._memories(k_raw, v, complete, segments, initial)
         out = self._mix(local, fold(q_raw), memories.flatten(0, 1), norms.flatten(0, 1))
         memory, norm = memories[:, -1], norms[:, -1]  # before the last segment: write it too
         memory, norm = self._write(memory, norm, k_raw[:, :, -n:], v[:, :, -n:], complete[:, -1:].expand(-1, n))
         store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=unfinished_segment(k_rot, real, n),
                             raw_keys=unfinished_segment(k_raw, real, n), values=unfinished_segment(v, real, n),
-                            count=real % n, processed=keep.shape[1])
-        weights = None if weights is None else from_segments(unfold(weights), order)
-        return from_segments(unfold(out), order), weights
+                            count=real % n, processed=(0 if prefix is None else prefix.tokens) + keep.shape[1] - held)
+        weights = None if weights is None else from_segments(unfold(weights), order)[:, :, held:]
+        return from_segments(unfold(out), order)[:, :, held:], weights
 
-    def _memories(self, k, v, complete, segments):
-        """(M_{s-1}, z_{s-1}) before each segment s, [B, S, H_kv, d_k, d_v] and [B, S, H_kv, d_k]."""
+    def _memories(self, k, v, complete, segments, initial=None):
+        """(M_{s-1}, z_{s-1}) before each segment s, [B, S, H_kv, d_k, d_v] and [B, S, H_kv, d_k], starting from
+        ``initial`` (M, z) (default: empty)."""
         n = self.segment_size
         if self.update_rule == "linear" and not self.detach_every:  # eq. 4: sums of every earlier segment
             sk = sigma(k).unflatten(2, (segments, n)) * complete[:, None, :, None, None]
             writes = sk.transpose(-1, -2) @ v.float().unflatten(2, (segments, n))  # [B, H_kv, S, d_k, d_v]
             memories = torch.cumsum(writes, dim=2) - writes
             norms = torch.cumsum(sk.sum(-2), dim=2) - sk.sum(-2)
+            if initial is not None:
+                memories, norms = memories + initial[0][:, :, None], norms + initial[1][:, :, None]
             return memories.transpose(1, 2), norms.transpose(1, 2)
         if not self.detach_every and write_kernel(k, v, self.config.use_fused_kernels) is None:
-            return memories_before_segments(k, v, complete, n, self.eps)  # eq. 5 in one tensor: fewer calls
-        (memory, norm), memories, norms = empty_memory(k, v), [], []
+            return memories_before_segments(k, v, complete, n, self.eps, initial)  # eq. 5 in one tensor: fewer calls
+        (memory, norm), memories, norms = initial or empty_memory(k, v), [], []
         for index in range(segments - 1):
             memories.append(memory)
             norms.append(norm)
@@ -164,8 +180,9 @@ class InfiniAttention(nn.Module):
         return torch.stack(memories + [memory], dim=1), torch.stack(norms + [norm], dim=1)
 
     def _continue(self, q, k, v, keep, position_embeddings, cache):
-        """New tokens after a cached prefix, one at a time: append to the row's segment, attend over it, read
-        the memory; a row whose segment fills folds it into the memory and starts an empty one."""
+        """A decode step (one new token after a cached prefix; several take ``_prefill`` with the prefix): append to
+        the row's segment, attend over it, read the memory; a row whose segment fills folds it into the memory and
+        starts an empty one."""
         layer, n, outputs, maps = segment_state(cache, self.layer_idx), self.segment_size, [], []
         rows, slots = torch.arange(q.shape[0], device=q.device), torch.arange(n, device=q.device)
         q_rot, k_rot = (apply_rotary(x, *position_embeddings) for x in (q, k))
