@@ -116,15 +116,16 @@ def test_prefill_of_all_segments_at_once_equals_token_by_token_decode(rule):
     torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("rule,detach_every", [("linear", None), ("delta", None), ("delta", 1)])
 @pytest.mark.parametrize("split", [13, 30])
-def test_several_new_tokens_after_a_cache_run_in_one_call_and_equal_the_full_forward(rule, split):
+def test_several_new_tokens_after_a_cache_run_in_one_call_and_equal_the_full_forward(rule, detach_every, split):
     """A continuation of several tokens takes the prefill path started from the cached memory and unfinished
     segment (rows out of step: left pads of 4 and 9): its logits equal the full forward's, and the cache it leaves
-    equals the one token-by-token decoding leaves."""
+    equals the one token-by-token decoding leaves. Each way of computing the memories is covered: the linear rule's
+    cumulative sum, the delta rule's one-tensor loop, and the segment loop that ``memory_detach_every`` takes."""
     import copy
 
-    model = _with_open_gates(build("infini-attention-tiny", memory_update=rule))
+    model = _with_open_gates(build("infini-attention-tiny", memory_update=rule, memory_detach_every=detach_every))
     ids = random_ids(model.config, 3, 45)
     mask = torch.ones_like(ids)
     mask[1, :4], mask[2, :9] = 0, 0

@@ -183,31 +183,29 @@ class InfiniAttention(nn.Module):
         """A decode step (one new token after a cached prefix; several take ``_prefill`` with the prefix): append to
         the row's segment, attend over it, read the memory; a row whose segment fills folds it into the memory and
         starts an empty one."""
-        layer, n, outputs, maps = segment_state(cache, self.layer_idx), self.segment_size, [], []
+        layer, n = segment_state(cache, self.layer_idx), self.segment_size
         rows, slots = torch.arange(q.shape[0], device=q.device), torch.arange(n, device=q.device)
         q_rot, k_rot = (apply_rotary(x, *position_embeddings) for x in (q, k))
-        for t in range(q.shape[2]):
-            live = keep[:, t]  # [B]; a pad token changes nothing
-            keys, raw_keys, values = layer.keys, layer.raw_keys, layer.values
-            if torch.is_grad_enabled():  # written in place when decoding (one slot, whatever the segment size);
-                keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()  # copied for autograd
-            slot = layer.count.clamp(max=n - 1)
-            for buffer, new in ((keys, k_rot[:, :, t]), (raw_keys, k[:, :, t]), (values, v[:, :, t])):
-                buffer[rows, :, slot] = torch.where(live[:, None, None], new, buffer[rows, :, slot])
-            allowed = (slots[None, :] <= slot[:, None])[:, None, None, :]
-            local, weights = self._local(q_rot[:, :, t : t + 1], keys, values, allowed)
-            outputs.append(self._mix(local, q[:, :, t : t + 1], layer.memory, layer.norm))
-            maps.append(weights)
+        live = keep[:, 0]  # [B]; a pad token changes nothing
+        keys, raw_keys, values = layer.keys, layer.raw_keys, layer.values
+        if torch.is_grad_enabled():  # written in place when decoding (one slot, whatever the segment size);
+            keys, raw_keys, values = keys.clone(), raw_keys.clone(), values.clone()  # copied for autograd
+        slot = layer.count.clamp(max=n - 1)
+        for buffer, new in ((keys, k_rot[:, :, 0]), (raw_keys, k[:, :, 0]), (values, v[:, :, 0])):
+            buffer[rows, :, slot] = torch.where(live[:, None, None], new, buffer[rows, :, slot])
+        allowed = (slots[None, :] <= slot[:, None])[:, None, None, :]
+        local, weights = self._local(q_rot, keys, values, allowed)
+        out = self._mix(local, q, layer.memory, layer.norm)
 
-            count = layer.count + live.long()
-            filled = count == n
-            # a segment is written once, when it fills
-            memory, norm = when_any(filled, lambda memory, norm, raw_keys, values, filled: self._write(
-                memory, norm, raw_keys, values, filled[:, None].expand(-1, n)), (layer.memory, layer.norm),
-                (raw_keys, values, filled))
-            store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=keys, raw_keys=raw_keys,
-                                values=values, count=torch.where(filled, 0, count), processed=layer.tokens + 1)
-        return torch.cat(outputs, dim=2), None if maps[0] is None else torch.cat(maps, dim=2)
+        count = layer.count + live.long()
+        filled = count == n
+        # a segment is written once, when it fills
+        memory, norm = when_any(filled, lambda memory, norm, raw_keys, values, filled: self._write(
+            memory, norm, raw_keys, values, filled[:, None].expand(-1, n)), (layer.memory, layer.norm),
+            (raw_keys, values, filled))
+        store_segment_state(cache, self.layer_idx, memory=memory, norm=norm, keys=keys, raw_keys=raw_keys,
+                            values=values, count=torch.where(filled, 0, count), processed=layer.tokens + 1)
+        return out, weights
 
 
 class InfiniAttentionDecoderLayer(MemoryDecoderLayer):
